@@ -1,0 +1,15 @@
+"""gradkernels: Triton GPU kernels for training, a fused linear layer and Flash-style attention.
+
+See README.md for the API, what runs where, and the limits.
+"""
+
+import logging
+
+from ._device import backend_for
+from .functional import linear
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("gradkernels")
+
+__all__ = ["backend_for", "linear", "logger"]

@@ -1,0 +1,38 @@
+"""``torch.autograd.Function`` classes over the launchers in :mod:`gradkernels.ops`.
+
+Each saves only what its backward needs and skips the gradients nobody asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import linear as linear_ops
+
+_custom_fwd = torch.amp.custom_fwd(device_type="cuda")
+_custom_bwd = torch.amp.custom_bwd(device_type="cuda")
+
+
+class LinearFunction(torch.autograd.Function):
+    """``act(x @ W^T + b)`` through the fused Triton kernels."""
+
+    @staticmethod
+    @_custom_fwd
+    def forward(ctx, x, weight, bias, activation):
+        x2 = x.reshape(-1, x.shape[-1])  # a view whenever the strides allow
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        store_pre = activation is not None and (need_dx or need_dw or need_db)
+        out, pre = linear_ops.linear_forward(x2, weight, bias, activation, store_pre)
+        ctx.save_for_backward(x2 if need_dw else None, weight if need_dx else None, pre)
+        ctx.activation, ctx.x_shape = activation, x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @_custom_bwd
+    def backward(ctx, grad_out):
+        x2, weight, pre = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = linear_ops.linear_backward(
+            grad_out.reshape(-1, grad_out.shape[-1]), x2, weight, pre, ctx.activation, need_dx, need_dw, need_db
+        )
+        return (None if dx is None else dx.view(ctx.x_shape)), dw, db, None

@@ -1,0 +1,1 @@
+"""Launch wrappers: validate -> allocate -> grid -> launch. They accept preallocated outputs."""

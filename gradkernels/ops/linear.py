@@ -1,0 +1,208 @@
+"""Launchers of the fused linear kernels: validate -> allocate -> grid -> launch.
+
+Every launcher accepts preallocated outputs (``out=`` and friends) so the autograd Functions and the
+benchmarks can reuse buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .. import _device
+from ..kernels import linear as K
+from ..reference import ACTIVATIONS
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_linear_args(x, weight, bias=None, activation=None, *, same_dtype=True):
+    """Raise ``TypeError``/``ValueError`` naming the bad argument, before anything is launched."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
+            )
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-d tensor")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x.shape[-1] must equal in_features = weight.shape[1] = {weight.shape[1]}, "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"bias must have shape (out_features,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must be on one device")
+    if same_dtype:
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != x.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all must have one dtype")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _arch(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _prune(configs, named_args, **kwargs):
+    a = named_args["A"]
+    arch = _arch(a.device) if a.is_cuda else 90
+    kept = [c for c in configs if K.keep(c, a.element_size(), arch)]
+    return kept or configs[-1:]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(role: str):
+    """One autotuner per role (forward, dX, dW): their best tiles differ for the same sizes."""
+    return triton.autotune(
+        configs=K.get_linear_configs(),
+        key=["M_BUCKET", "N", "K", "SPLIT_K"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(K._linear_kernel)
+
+
+def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None, epilogue_act=None,
+           row_sum=None, split=1, role="fwd"):
+    """``out = epilogue(prologue(a) @ b)``; see ``gradkernels.kernels.linear`` for the operand views.
+
+    Args:
+        a: (M, K) view, any strides. b: (K, N) view, any strides. out: (M, N) output.
+        bias: (N,) added in the epilogue. pre_out: (M, N) receives the pre-activation.
+        pre_in: (M, K) pre-activation indexed like ``a``; ``a`` is scaled by ``act'(pre_in)`` on load.
+        row_sum: (M,) receives the row sums of the scaled ``a`` (the bias gradient).
+        split: how many ways the K reduction is split (deterministic partials + reduce).
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0:
+        if row_sum is not None:
+            row_sum.zero_()
+        return out
+    acc_dtype = _acc_dtype(a.dtype)
+    split = max(1, min(split, triton.cdiv(k, 16))) if k > 0 else 1
+    ws = torch.empty((split, m, n), device=a.device, dtype=acc_dtype) if split > 1 else None
+    rs = row_sum
+    if row_sum is not None and split > 1:
+        rs = torch.empty((split, m), device=a.device, dtype=acc_dtype)
+    pre_in_strides = pre_in.stride() if pre_in is not None else (0, 0)
+    pre_out_strides = pre_out.stride() if pre_out is not None else (0, 0)
+    args = (
+        a, b, out, bias, pre_in, pre_out, ws, rs,
+        m, n, k, K.bucket(m),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        *pre_in_strides, *pre_out_strides,
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        PROLOGUE_ACT=prologue_act,
+        EPILOGUE_ACT=epilogue_act if split == 1 else None,
+        STORE_PRE=pre_out is not None and split == 1,
+        ROW_SUM=row_sum is not None,
+        SPLIT_K=split,
+        INPUT_PRECISION=_device.dot_precision(a.dtype, a.device),
+    )
+    if split > 1:
+        flags["HAS_BIAS"] = False
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+
+    if _device.use_autotune():
+        _autotuned(role)[grid](*args, **flags)
+    else:
+        K._linear_kernel[grid](*args, **flags, **K.INTERPRETER_CONFIG)
+
+    if split > 1:
+        _split_reduce(ws, out, bias, pre_out, epilogue_act, split)
+        if row_sum is not None:
+            # (split, M) partials read as (split, 1, M): one output row of M columns.
+            _split_reduce(rs.view(split, 1, m), row_sum.view(1, m), None, None, None, split)
+    return out
+
+
+def _split_reduce(ws, out, bias, pre_out, activation, split):
+    _, m, n = ws.shape
+    cfg = K.REDUCE_CONFIG
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    pre_strides = pre_out.stride() if pre_out is not None else (0, 0)
+    K._linear_split_reduce_kernel[grid](
+        ws, out, bias, pre_out, m, n, out.stride(0), out.stride(1), *pre_strides,
+        HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PRE=pre_out is not None, SPLIT_K=split,
+        num_warps=K.REDUCE_WARPS, **cfg,
+    )
+
+
+def linear_forward(x2, weight, bias=None, activation=None, store_pre=False, *, out=None, pre=None,
+                   split=None):
+    """Forward of ``act(x2 @ weight^T + bias)`` for a 2-D ``x2`` (M, K).
+
+    Returns:
+        ``(out, pre)``: the output (M, N), and the pre-activation when ``store_pre`` and an activation
+        are given (else None).
+    """
+    m, k = x2.shape
+    n = weight.shape[0]
+    if out is None:
+        out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if store_pre and activation is not None and pre is None:
+        pre = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    elif activation is None:
+        pre = None
+    if split is None:
+        split = K.choose_split(m, n, k, _device.num_sms())
+    matmul(x2, weight.t(), out=out, bias=bias, pre_out=pre, epilogue_act=activation, split=split, role="fwd")
+    return out, pre
+
+
+def linear_backward(grad2, x2, weight, pre, activation, need_dx, need_dw, need_db, *, split=None):
+    """Gradients of :func:`linear_forward` for the ones asked for.
+
+    ``dY' = dY * act'(pre)`` is applied while loading dY in both products (no elementwise pass);
+    ``db`` is accumulated inside the dW product. Returns ``(dx, dw, db)`` with None for those not needed.
+    """
+    m, n = grad2.shape
+    k = weight.shape[1] if weight is not None else x2.shape[1]
+    act = activation if pre is not None else None
+    dx = dw = db = None
+    if need_dx:
+        dx = torch.empty((m, k), device=grad2.device, dtype=grad2.dtype)
+        matmul(grad2, weight, out=dx, pre_in=pre, prologue_act=act, role="dx")
+    if need_dw:
+        dw = torch.empty((n, k), device=grad2.device, dtype=grad2.dtype)
+        db = torch.empty((n,), device=grad2.device, dtype=grad2.dtype) if need_db else None
+        dw_split = K.choose_split(n, k, m, _device.num_sms()) if split is None else split
+        matmul(grad2.t(), x2, out=dw, pre_in=None if pre is None else pre.t(), prologue_act=act,
+               row_sum=db, split=dw_split, role="dw")
+    elif need_db:
+        # Bias trainable with a frozen weight (rare): a plain reduction, no matmul needed.
+        g = grad2 if act is None else _activation_vjp(pre, grad2, act)
+        db = g.sum(0, dtype=_acc_dtype(g.dtype)).to(grad2.dtype)
+    return dx, dw, db
+
+
+def _activation_vjp(pre, grad, activation):
+    from ..reference import activation_fn
+
+    with torch.enable_grad():
+        p = pre.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(activation_fn(p, activation), p, grad)
+    return g
