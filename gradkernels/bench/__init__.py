@@ -1,0 +1,1 @@
+"""Microbenchmarks and memory comparison: ``python -m gradkernels.bench``."""
