@@ -5,6 +5,7 @@ See README.md for the API, what runs where, and the limits.
 
 import logging
 
+from . import nn, reference
 from ._device import backend_for
 from .functional import linear
 
@@ -12,4 +13,4 @@ __version__ = "0.1.0"
 
 logger = logging.getLogger("gradkernels")
 
-__all__ = ["backend_for", "linear", "logger"]
+__all__ = ["backend_for", "linear", "logger", "nn", "reference"]

@@ -5,6 +5,8 @@ Each saves only what its backward needs and skips the gradients nobody asked for
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ops import linear as linear_ops
@@ -13,13 +15,18 @@ _custom_fwd = torch.amp.custom_fwd(device_type="cuda")
 _custom_bwd = torch.amp.custom_bwd(device_type="cuda")
 
 
+def _flatten(t):
+    """(..., K) -> (M, K); explicit M so that K == 0 is not ambiguous."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 class LinearFunction(torch.autograd.Function):
     """``act(x @ W^T + b)`` through the fused Triton kernels."""
 
     @staticmethod
     @_custom_fwd
     def forward(ctx, x, weight, bias, activation):
-        x2 = x.reshape(-1, x.shape[-1])  # a view whenever the strides allow
+        x2 = _flatten(x)  # a view whenever the strides allow
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         store_pre = activation is not None and (need_dx or need_dw or need_db)
         out, pre = linear_ops.linear_forward(x2, weight, bias, activation, store_pre)
@@ -33,6 +40,6 @@ class LinearFunction(torch.autograd.Function):
         x2, weight, pre = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx, dw, db = linear_ops.linear_backward(
-            grad_out.reshape(-1, grad_out.shape[-1]), x2, weight, pre, ctx.activation, need_dx, need_dw, need_db
+            _flatten(grad_out), x2, weight, pre, ctx.activation, need_dx, need_dw, need_db
         )
         return (None if dx is None else dx.view(ctx.x_shape)), dw, db, None

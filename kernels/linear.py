@@ -95,7 +95,7 @@ def choose_split(m, n, k, num_sms, tile=128, min_k_per_split=256, max_split=16):
     count beyond rounding: partials are summed in a fixed order.
     """
     tiles = triton.cdiv(m, tile) * triton.cdiv(n, tile)
-    if tiles * 2 >= num_sms:
+    if tiles == 0 or tiles * 2 >= num_sms:
         return 1
     return max(1, min(max_split, num_sms // tiles, k // min_k_per_split))
 
@@ -112,11 +112,11 @@ def bucket(n):
 
 @triton.jit
 def _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
-                    stride_cm, stride_cn, stride_pom, stride_pon,
+                    stride_cm, stride_cn, stride_pom, stride_pon, stride_bias,
                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr):
     """Epilogue: ``+ bias``; store the pre-activation if backward needs it; ``act``; store."""
     if HAS_BIAS:
-        b = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0)
+        b = tl.load(BIAS + offs_n * stride_bias, mask=offs_n < N, other=0.0)
         acc += b.to(acc.dtype)[None, :]
     if STORE_PRE:
         store_tile(PRE_OUT, acc.to(PRE_OUT.dtype.element_ty), offs_m, offs_n, stride_pom, stride_pon, M, N)
@@ -134,6 +134,7 @@ def _linear_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_pim, stride_pik,  # PRE_IN, indexed like A (prologue)
     stride_pom, stride_pon,  # PRE_OUT, indexed like C (epilogue)
+    stride_bias,
     # constexpr flags
     HAS_BIAS: tl.constexpr,
     PROLOGUE_ACT: tl.constexpr,  # A <- A * act'(PRE_IN): the backward's dY' = dY * act'(pre)
@@ -189,7 +190,7 @@ def _linear_kernel(
 
     if SPLIT_K == 1:
         _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
-                        stride_cm, stride_cn, stride_pom, stride_pon, HAS_BIAS, EPILOGUE_ACT, STORE_PRE)
+                        stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, EPILOGUE_ACT, STORE_PRE)
         if ROW_SUM:
             if pid_n == 0:
                 tl.store(ROWSUM + offs_m, row_sum.to(ROWSUM.dtype.element_ty), mask=offs_m < M)
@@ -208,7 +209,7 @@ def _linear_split_reduce_kernel(
     # sizes
     M, N,
     # strides
-    stride_cm, stride_cn, stride_pom, stride_pon,
+    stride_cm, stride_cn, stride_pom, stride_pon, stride_bias,
     # constexpr flags
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, SPLIT_K: tl.constexpr,
     # tiles
@@ -225,4 +226,4 @@ def _linear_split_reduce_kernel(
         ptrs += M * N
         acc += tl.load(ptrs, mask=mask, other=0.0)
     _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
-                    stride_cm, stride_cn, stride_pom, stride_pon, HAS_BIAS, ACTIVATION, STORE_PRE)
+                    stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, ACTIVATION, STORE_PRE)

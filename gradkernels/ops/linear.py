@@ -109,7 +109,7 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
         a, b, out, bias, pre_in, pre_out, ws, rs,
         m, n, k, K.bucket(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        *pre_in_strides, *pre_out_strides,
+        *pre_in_strides, *pre_out_strides, bias.stride(0) if bias is not None else 0,
     )
     flags = dict(
         HAS_BIAS=bias is not None,
@@ -146,6 +146,7 @@ def _split_reduce(ws, out, bias, pre_out, activation, split):
     pre_strides = pre_out.stride() if pre_out is not None else (0, 0)
     K._linear_split_reduce_kernel[grid](
         ws, out, bias, pre_out, m, n, out.stride(0), out.stride(1), *pre_strides,
+        bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PRE=pre_out is not None, SPLIT_K=split,
         num_warps=K.REDUCE_WARPS, **cfg,
     )
@@ -180,13 +181,13 @@ def linear_backward(grad2, x2, weight, pre, activation, need_dx, need_dw, need_d
     ``db`` is accumulated inside the dW product. Returns ``(dx, dw, db)`` with None for those not needed.
     """
     m, n = grad2.shape
-    k = weight.shape[1] if weight is not None else x2.shape[1]
     act = activation if pre is not None else None
     dx = dw = db = None
     if need_dx:
-        dx = torch.empty((m, k), device=grad2.device, dtype=grad2.dtype)
+        dx = torch.empty((m, weight.shape[1]), device=grad2.device, dtype=grad2.dtype)
         matmul(grad2, weight, out=dx, pre_in=pre, prologue_act=act, role="dx")
     if need_dw:
+        k = x2.shape[1]
         dw = torch.empty((n, k), device=grad2.device, dtype=grad2.dtype)
         db = torch.empty((n,), device=grad2.device, dtype=grad2.dtype) if need_db else None
         dw_split = K.choose_split(n, k, m, _device.num_sms()) if split is None else split
