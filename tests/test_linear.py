@@ -65,6 +65,12 @@ def test_shapes_and_dtypes(m, k, n, dtype):
     check_linear(x, w, b, "gelu")
 
 
+@pytest.mark.parametrize("m,k,n", [(5, 4097, 9), (3, 20, 4097)])
+def test_long_dims(m, k, n):
+    x, w, b = _inputs((m, k), n, torch.float16)
+    check_linear(x, w, b, "gelu")
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
