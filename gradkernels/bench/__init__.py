@@ -1,1 +1,244 @@
-"""Microbenchmarks and memory comparison: ``python -m gradkernels.bench``."""
+"""Microbenchmarks and memory comparison: ``python -m gradkernels.bench [linear|attention|memory|all]``.
+
+On a CUDA machine: timings of every provider (gradkernels, torch/cuBLAS/SDPA backends, the naive
+reference paths) in forward, backward and forward+backward, peak memory against sequence length, the
+saved-for-backward comparison, and a correctness check of each kernel against fp64.
+
+Without a GPU: the correctness check of each kernel under Triton's interpreter and the
+saved-for-backward comparison (both honest work on a CPU), and a plain statement that timings need a
+GPU. Interpreter timings are never taken: they would measure numpy, not a kernel.
+
+See ``bench/README.md`` for every option and column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+__all__ = ["main"]
+
+SUITES = ("linear", "attention", "memory", "all")
+
+
+def _ints(text: str) -> tuple:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _shapes(text: str) -> tuple:
+    shapes = []
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)\s*", item)
+        if not m or min(int(g) for g in m.groups()) < 1:
+            raise argparse.ArgumentTypeError(f"--shapes expects MxNxK[,MxNxK...] with positive sizes, got {item!r}")
+        shapes.append(tuple(int(g) for g in m.groups()))
+    return tuple(shapes)
+
+
+def _modes(text: str) -> tuple:
+    from .flops import MODES
+
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"--modes expects a comma-separated subset of {MODES}, got {text!r}")
+    return modes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .harness import DTYPES
+
+    p = argparse.ArgumentParser(
+        prog="gradkernels-bench",
+        description="Benchmarks of gradkernels against torch and the naive reference paths "
+        "(timings need a CUDA GPU; without one, correctness and saved-memory checks run).",
+    )
+    p.add_argument("suite", nargs="?", default="all", choices=SUITES, help="what to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="a short sweep (a couple of minutes on an H100)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of every case (default: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--modes", type=_modes, default=None, help="subset of fwd,bwd,fwd+bwd (default: all three)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated providers to time (default: all); baselines are always kept")
+    g = p.add_argument_group("linear sizes")
+    g.add_argument("--shapes", type=_shapes, default=None, help="MxNxK[,MxNxK...] instead of the standard groups")
+    g.add_argument("--bias", action="store_true", help="with --shapes: add a bias")
+    g.add_argument("--activation", default=None, choices=["relu", "gelu", "gelu_tanh", "silu"],
+                   help="with --shapes: fuse this activation")
+    g = p.add_argument_group("attention sizes")
+    g.add_argument("--seqlens", type=_ints, default=None, help="L values (default 1024..16384; quick: 1024,4096)")
+    g.add_argument("--head-dims", type=_ints, default=None, help="D values (default 64,128)")
+    g.add_argument("--batch", type=int, default=None, help="B (default 16384 / L)")
+    g.add_argument("--heads", type=int, default=None, help="H (default 2048 / D)")
+    g.add_argument("--causal", nargs="?", const="yes", default="both", choices=["yes", "no", "both"],
+                   help="--causal: causal only; --causal no: non-causal only (default: both)")
+    g = p.add_argument_group("memory")
+    g.add_argument("--max-len", type=int, default=None,
+                   help="largest L of the peak-memory sweep (doubling from 512; default 32768, quick 4096)")
+    g = p.add_argument_group("timing and output")
+    g.add_argument("--warmup", type=int, default=None, help="do_bench warm-up in ms (default 25, quick 10)")
+    g.add_argument("--rep", type=int, default=None, help="do_bench measuring time in ms (default 100, quick 40)")
+    g.add_argument("--out", default=os.path.join("bench", "results", "latest"),
+                   help="output directory; {gpu} and {date} are filled in (default bench/results/latest)")
+    g.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    g.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    return p
+
+
+def _needs_interpreter() -> bool:
+    """No GPU, Triton present, interpreter not on: the kernels could not run in this process."""
+    import torch
+
+    from .._device import interpreter_enabled, triton_available
+
+    return not torch.cuda.is_available() and triton_available() and not interpreter_enabled()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def main(argv=None) -> int:
+    """Run the benchmarks; see ``--help``.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success; 1 when a gradkernels kernel failed its correctness check or a saved-bytes
+        measurement disagreed with its model; 2 on bad arguments. Providers that are unavailable, fail
+        or run out of memory are reported in the results and do not change the exit status.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error
+        return int(exc.code or 0)
+
+    if _needs_interpreter():
+        # TRITON_INTERPRET is read when the kernels are decorated, i.e. when gradkernels is imported:
+        # too late for this process. Run again in a child that has it from the start.
+        print("no CUDA GPU: re-running with TRITON_INTERPRET=1 so the kernels run under Triton's interpreter",
+              file=sys.stderr, flush=True)
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        return subprocess.call([sys.executable, "-m", "gradkernels.bench", *argv], env=env)
+
+    return _run(args, parser)
+
+
+def _run(args, parser) -> int:
+    import torch
+
+    from . import attention, linear, memory, report
+    from .harness import DTYPES, Env, Progress, TimingOptions, run_check, run_timing
+
+    env = Env.detect()
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if env.on_gpu else torch.float32)
+    device = "cuda" if env.on_gpu else "cpu"
+    modes = args.modes or ("fwd", "bwd", "fwd+bwd")
+    causal = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
+    suites = ("linear", "attention", "memory") if args.suite == "all" else (args.suite,)
+    opts = TimingOptions(args.warmup or (10 if args.quick else 25), args.rep or (40 if args.quick else 100))
+
+    wanted = None
+    if args.providers:
+        wanted = {n.strip() for n in args.providers.split(",") if n.strip()}
+        known = {p.name for r in (linear.REGISTRY, attention.REGISTRY) for p in r.providers}
+        unknown = sorted(wanted - known)
+        if unknown:
+            parser.print_usage(sys.stderr)
+            print(f"gradkernels-bench: error: --providers: unknown {unknown}; known: {sorted(known)}", file=sys.stderr)
+            return 2
+        wanted |= {r.baseline.name for r in (linear.REGISTRY, attention.REGISTRY)}
+
+    notes = []
+    if not env.on_gpu:
+        notes.append(
+            "No CUDA GPU on this machine: timings need a GPU, and none were taken (under Triton's interpreter a\n"
+            "time would measure numpy, not a kernel). What ran here: the correctness check of each kernel\n"
+            "under the interpreter and the saved-for-backward comparison."
+        )
+        if dtype == torch.bfloat16:
+            notes.append("bf16: Triton's interpreter cannot do bf16 arithmetic; the kernels are reported unavailable.")
+
+    # Work list, so the progress display knows its total.
+    plan = []
+    if "linear" in suites:
+        provs = linear.REGISTRY.select(wanted)
+        plan.append(("check", "linear", linear.check_cases(dtype), linear.REGISTRY.providers))
+        if env.on_gpu:
+            cases = linear.timing_cases(dtype, args.quick, args.shapes, args.bias, args.activation)
+            plan.append(("time", "linear", cases, provs))
+    if "attention" in suites:
+        provs = attention.REGISTRY.select(wanted)
+        plan.append(("check", "attention", attention.check_cases(dtype), attention.REGISTRY.providers))
+        if env.on_gpu:
+            cases = attention.timing_cases(dtype, args.quick, args.seqlens, args.head_dims, causal, args.batch,
+                                           args.heads)
+            plan.append(("time", "attention", cases, provs))
+    sweep = memory.saved_sweep(env.on_gpu, args.quick)
+    lens = memory.peak_lens(args.quick, args.max_len)
+    peak_provs = attention.REGISTRY.select(wanted)
+    total = 0
+    for kind, _, cases, provs in plan:
+        total += len(cases) * len(provs) * (len(modes) if kind == "time" else 1)
+    if "memory" in suites:
+        total += len(sweep.attention_lens) * len(memory.SAVED_ATTENTION_PROVIDERS)
+        total += 3 * len(sweep.linear_ms) * len(memory.SAVED_LINEAR_PROVIDERS)
+        if env.on_gpu:
+            total += len(lens) * len(peak_provs)
+        else:
+            notes.append("Peak memory (torch.cuda.max_memory_allocated) needs a GPU: not measured here.")
+
+    progress = Progress(total, enabled=not args.no_progress)
+    rows = []
+    for kind, suite, cases, provs in plan:
+        if kind == "check":
+            oracles = ("torch",) if suite == "linear" else ("sdpa-flash", "sdpa-math")
+            rows += run_check(suite, cases, provs, device, progress, oracle_names=oracles)
+        else:
+            rows += run_timing(suite, cases, provs, modes, device, opts, progress)
+    if "memory" in suites:
+        rows += memory.run_saved(device, dtype, sweep, progress)
+        if env.on_gpu:
+            rows += memory.run_peak(device, dtype, lens, providers=peak_provs, progress=progress)
+    progress.close()
+
+    text = report.render(rows, env, notes)
+    print(text, end="")
+
+    out_dir = args.out.format(gpu=_slug(env.gpu if env.on_gpu else "cpu"), date=env.date[:10])
+    os.makedirs(out_dir, exist_ok=True)
+    report.write_csv(rows, env, os.path.join(out_dir, "results.csv"))
+    with open(os.path.join(out_dir, "table.txt"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        meta = {"argv": sys.argv[1:], "suite": args.suite, "quick": args.quick, "dtype": str(dtype),
+                **{k: getattr(env, k) for k in ("device", "gpu", "torch", "triton", "date")}}
+        json.dump(meta, f, indent=2)
+    written = [os.path.join(out_dir, n) for n in ("results.csv", "table.txt", "meta.json")]
+    if not args.no_plots:
+        paths, message = report.write_plots(rows, env, out_dir)
+        written += paths
+        if message:
+            print(message)
+    print("wrote " + ", ".join(written))
+
+    bad = [r for r in rows if r.status.startswith("failed") and (r.mode == "saved" or (
+        r.mode == "check" and r.provider == "gradkernels"))]
+    if bad:
+        print(f"{len(bad)} check(s) failed: " + "; ".join(f"{r.suite}/{r.provider} {r.status}" for r in bad),
+              file=sys.stderr)
+        return 1
+    return 0
