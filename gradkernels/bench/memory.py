@@ -178,7 +178,7 @@ def saved_sweep(on_gpu: bool, quick: bool) -> SavedSweep:
     # Interpreter: each forward really runs, so keep B * H * D small; L still grows far enough to show
     # the quadratic term.
     lens = (64, 128, 256) if quick else (128, 256, 512, 1024)
-    return SavedSweep(lens, (1, 2, 16), (64, 256) if quick else (64, 256, 1024), (32, 32))
+    return SavedSweep(lens, (1, 1, 16), (64, 256) if quick else (64, 256, 1024), (32, 32))
 
 
 def _saved_row(case, provider: str, measured: Saved | None, model: tuple[int, int], status: str | None,

@@ -243,7 +243,7 @@ def _plot_tflops(plt, suite, rows, title, out_dir):
         ax.set_ylabel("TFLOP/s")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{suite}: {title}", fontsize=10)
+    fig.suptitle(f"{suite}\n{title}", fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, f"{suite}_tflops.png")
     fig.savefig(path, dpi=110)
@@ -252,6 +252,8 @@ def _plot_tflops(plt, suite, rows, title, out_dir):
 
 
 def _plot_memory(plt, saved, peak, title, out_dir):
+    from matplotlib.ticker import FuncFormatter
+
     panels = [(saved, "saved for backward (bytes)", "saved_bytes"), (peak, "peak fwd+bwd (bytes)", "peak_bytes")]
     panels = [p for p in panels if p[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
@@ -267,10 +269,11 @@ def _plot_memory(plt, saved, peak, title, out_dir):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel("L")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(int(v))))
         ax.set_ylabel("bytes")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"attention memory: {title}", fontsize=10)
+    fig.suptitle(f"attention memory\n{title}", fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, "memory.png")
     fig.savefig(path, dpi=110)
