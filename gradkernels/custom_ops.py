@@ -11,12 +11,16 @@ Ops (namespace ``gradkernels``):
 
 - ``linear_fwd(x, weight, bias, activation, store_pre) -> (out, pre)``
 - ``linear_bwd(grad, x, weight, pre, activation, need_dx, need_dw, need_db) -> (dx, dw, db)``
+- ``attention_fwd(q, k, v, causal_offset, scale) -> (out, lse)``
+- ``attention_bwd(grad_out, q, k, v, out, lse, causal_offset, scale, need_dq, need_dk, need_dv)
+  -> (dq, dk, dv)``
 
 Custom op schemas cannot return ``None``: a tensor that is not produced is returned as an empty
 (numel 0) tensor and mapped back to ``None`` here.
 
-Public entry points with the semantics of :func:`gradkernels.linear` (checked arguments, any leading
-dims): :func:`linear`.
+Public entry points, drop-in replacements for the autograd Functions' ``apply`` (same arguments, same
+results) that ``gradkernels.functional`` calls when ``torch.compiler.is_compiling()``:
+:func:`linear` for ``LinearFunction.apply`` and :func:`attention` for ``AttentionFunction.apply``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .ops import attention as attention_ops
 from .ops import linear as linear_ops
 
-__all__ = ["linear"]
+__all__ = ["linear", "attention"]
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -76,9 +81,16 @@ def linear_bwd(
 
     ``x`` is only read for dW and ``weight`` only for dX: either may be None when not needed.
     """
-    dx, dw, db = linear_ops.linear_backward(
-        grad, x, weight, _or_none(pre), activation, need_dx, need_dw, need_db
-    )
+    pre = _or_none(pre)
+    if need_db and not need_dw and activation is not None and pre is not None:
+        # ops.linear_backward computes this case (trainable bias, frozen weight) with torch.autograd,
+        # which cannot run inside a custom op (autograd is excluded below the dispatcher here). The dW
+        # product against a column of ones gives the same row sums of dY * act'(pre), in the kernel.
+        ones = grad.new_ones((grad.shape[0], 1))
+        _, _, db = linear_ops.linear_backward(grad, ones, None, pre, activation, False, True, True)
+        dx, dw, _ = linear_ops.linear_backward(grad, None, weight, pre, activation, need_dx, False, False)
+    else:
+        dx, dw, db = linear_ops.linear_backward(grad, x, weight, pre, activation, need_dx, need_dw, need_db)
     return tuple(_empty(grad) if t is None else t for t in (dx, dw, db))
 
 
@@ -122,7 +134,7 @@ linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_conte
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
-    """:func:`gradkernels.linear` through the custom ops (what the functional API calls when compiling).
+    """``LinearFunction.apply`` through the custom ops (what the functional API calls when compiling).
 
     The caller (``gradkernels.functional.linear``) has already validated the arguments and applied
     autocast; this only flattens the leading dims, as ``LinearFunction`` does.
@@ -141,3 +153,89 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     )
     out, _ = linear_fwd(x2, weight, bias, activation, store_pre)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gradkernels::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal_offset: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
+    """Flash forward: ``(out, lse)``; key j visible to query i iff ``j <= i + causal_offset`` (None: all)."""
+    return attention_ops.attention_forward(q, k, v, causal_offset, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, causal_offset, scale):
+    # The launcher's own allocation helper, so the fake output has the real one's strides.
+    out = attention_ops._empty_out(q, v.shape[-1])
+    lse = q.new_empty(q.shape[:3], dtype=attention_ops.lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("gradkernels::attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal_offset: Optional[int],
+    scale: float,
+    need_dq: bool,
+    need_dk: bool,
+    need_dv: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_fwd`; those not asked for are empty tensors."""
+    dq, dk, dv = attention_ops.attention_backward(
+        grad_out, q, k, v, out, lse, causal_offset, scale, need_dq=need_dq, need_dk=need_dk, need_dv=need_dv
+    )
+    return tuple(_empty(q) if t is None else t for t in (dq, dk, dv))
+
+
+@attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, causal_offset, scale, need_dq, need_dk, need_dv):
+    return (
+        torch.empty_like(q) if need_dq else _empty(q),
+        torch.empty_like(k) if need_dk else _empty(q),
+        torch.empty_like(v) if need_dv else _empty(q),
+    )
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, causal_offset, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal_offset, ctx.scale = causal_offset, scale
+    # As AttentionFunction: the LSE is an output for merging partial results, not differentiable.
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
+    if not (need_dq or need_dk or need_dv):
+        return None, None, None, None, None
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.causal_offset, ctx.scale, need_dq, need_dk, need_dv)
+    return (dq if need_dq else None), (dk if need_dk else None), (dv if need_dv else None), None, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal_offset: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
+    """``AttentionFunction.apply`` through the custom ops (what the functional API calls when compiling).
+
+    Args:
+        q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv). Validated (and autocast) by the caller.
+        causal_offset: None (no mask) or int: key j is visible to query i iff ``j <= i + causal_offset``
+            (``Lk - Lq`` for the library's bottom-right causal, 0 for torch's top-left ``is_causal``).
+        scale: the softmax scale (a float).
+
+    Returns:
+        ``(out, lse)``: (B, Hq, Lq, Dv) in q's dtype, and the (B, Hq, Lq) log-sum-exp (fp32; fp64 for fp64
+        inputs), not differentiable.
+    """
+    return attention_fwd(q, k, v, causal_offset, float(scale))

@@ -218,7 +218,8 @@ def _exit_hook(module, args, output):
     if torch.compiler.is_compiling():
         _compile_depth -= 1
     else:
-        _tls.depth -= 1
+        # getattr: when Dynamo gives up on a frame mid-trace, the enter hook may have run only traced.
+        _tls.depth = max(getattr(_tls, "depth", 0) - 1, 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,10 +233,10 @@ def _skip_reason(m: torch.nn.Module) -> str | None:
     """Why ``m`` (an ``nn.Linear``) is not replaced, or None when it can be."""
     if isinstance(m, GKLinear):
         return "already a gradkernels Linear"
+    if torch.nn.utils.parametrize.is_parametrized(m):  # before the type test: it changes the class
+        return "has parametrizations (its weight is computed on the fly)"
     if type(m) is not torch.nn.Linear:
         return f"{type(m).__module__}.{type(m).__qualname__} is a subclass of nn.Linear (its forward may differ)"
-    if torch.nn.utils.parametrize.is_parametrized(m):
-        return "has parametrizations (its weight is computed on the fly)"
     for name in ("weight", "bias"):
         t = getattr(m, name)
         if t is not None and type(t) not in _PLAIN_PARAM_TYPES:

@@ -140,7 +140,9 @@ class TinyLM(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in fp32 (fp64 models keep fp64)
+            logits = logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def set_seed(seed: int) -> None:
