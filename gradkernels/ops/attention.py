@@ -1,0 +1,261 @@
+"""Launchers of the Flash-style attention kernels: validate -> allocate -> grid -> launch.
+
+Pure functions of tensors and Python scalars (no global state besides the per-kernel autotuners), so
+they can be wrapped in ``torch.library`` custom ops. Every launcher accepts preallocated outputs.
+
+Causal masking is given as ``causal_offset``: ``None`` for no mask, else key j is visible to query i
+iff ``j <= i + causal_offset`` (``Lk - Lq``: bottom-right, the library's convention; ``0``: top-left,
+``torch.nn.functional.scaled_dot_product_attention``'s).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import torch
+import triton
+
+from .. import _device
+from ..kernels import attention as K
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def check_attention_args(q, k, v, scale=None, *, same_dtype=True):
+    """Raise ``TypeError``/``ValueError`` naming the bad argument, before anything is launched.
+
+    Expects q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), Hq a multiple of Hkv,
+    D and Dv <= 256, one floating dtype (unless ``same_dtype=False``) and one device.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
+            )
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}"
+            )
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"q, k and v must have the same batch size, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"v must have as many heads as k ({k.shape[1]}), got v of shape {tuple(v.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"v must have as many positions as k (Lk = {k.shape[2]}), got v of shape {tuple(v.shape)}"
+        )
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"k must have the head dim of q (D = {q.shape[3]}), got k of shape {tuple(k.shape)}"
+        )
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"q's head count ({hq}) must be a multiple of k's and v's ({hkv}) (grouped-query attention)"
+        )
+    for name, dim in (("q", q.shape[3]), ("v", v.shape[3])):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}'s head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all must be on one device")
+    if same_dtype:
+        for name, t in (("k", k), ("v", v)):
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all must have one dtype")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+
+def default_scale(head_dim):
+    return 1.0 / math.sqrt(head_dim)
+
+
+def lse_dtype(dtype):
+    """The LSE (and Delta) dtype: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_out(q, dv):
+    """Output buffer in q's memory layout when q is a head-interleaved (B, L, H, D) tensor seen as
+    (B, H, L, D): the caller's ``transpose(1, 2).reshape(B, L, H * Dv)`` is then a free view."""
+    b, h, lq, _ = q.shape
+    if q.stride(1) < q.stride(2):
+        return torch.empty((b, lq, h, dv), device=q.device, dtype=q.dtype).transpose(1, 2)
+    return torch.empty((b, h, lq, dv), device=q.device, dtype=q.dtype)
+
+
+def _arch(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _pruner(kernel):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        arch = _arch(q.device) if q.is_cuda else 90
+        head_d, head_dv = args["HEAD_D"], args["HEAD_DV"]
+        kept = [c for c in configs if K.keep(c, head_d, q.element_size(), arch, kernel=kernel, head_dim_v=head_dv)]
+        # Query tiles taller than the (bucketed) query length only compute padding: drop them.
+        rows = "BLOCK_M" if kernel != "dkdv" else "BLOCK_N"
+        length = args["LQ_BUCKET"] if kernel != "dkdv" else args["LK_BUCKET"]
+        short = [c for c in kept if c.kwargs[rows] <= max(length, 16)]
+        kept = short or kept
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+_KEYS = ["LQ_BUCKET", "LK_BUCKET", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "INPUT_PRECISION"]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel):
+    """One autotuner per kernel, keyed by bucketed lengths (a new length does not retune)."""
+    if kernel == "fwd":
+        fn, configs = K._attn_fwd_kernel, K.get_attn_fwd_configs()
+    else:
+        fn = K._attn_bwd_dkdv_kernel if kernel == "dkdv" else K._attn_bwd_dq_kernel
+        configs = K.get_attn_bwd_configs()[kernel]
+    keys = _KEYS + (["COMPUTE_DK", "COMPUTE_DV"] if kernel == "dkdv" else [])
+    return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": _pruner(kernel)})(fn)
+
+
+def _launch(kernel, fn, grid, args, flags, pinned):
+    if _device.use_autotune():
+        _autotuned(kernel)[grid](*args, **flags)
+    else:
+        fn[grid](*args, **flags, **pinned)
+
+
+def _flags(q, d, dv, causal_offset):
+    return dict(
+        HEAD_D=d, HEAD_DV=dv, IS_CAUSAL=causal_offset is not None,
+        INPUT_PRECISION=_device.dot_precision(q.dtype, q.device),
+        BLOCK_D=K.head_block(d), BLOCK_DV=K.head_block(dv),
+    )
+
+
+def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None):
+    """Forward of ``softmax(q k^T * scale [+ causal mask]) v`` through ``_attn_fwd_kernel``.
+
+    Args:
+        q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv); any strides, one dtype and device
+            (validated by :func:`check_attention_args`, not here).
+        causal_offset: None (no mask) or int: key j is visible to query i iff ``j <= i + causal_offset``.
+        scale: the softmax scale (a Python float; carried into the kernel in fp64).
+        out: optional (B, Hq, Lq, Dv) buffer, q's dtype, any strides.
+        lse: optional (B, Hq, Lq) buffer, fp32 (fp64 for fp64 inputs), any strides.
+
+    Returns:
+        ``(out, lse)``; ``lse`` is the natural-log log-sum-exp of each row's scaled scores, ``-inf``
+        (with an all-zero output row) where a row sees no key.
+    """
+    b, h, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if out is None:
+        out = _empty_out(q, dv)
+    if lse is None:
+        lse = torch.empty((b, h, lq), device=q.device, dtype=lse_dtype(q.dtype))
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    args = (
+        q, k, v, out, lse, float(scale),
+        h, h // hkv, lq, lk, 0 if causal_offset is None else int(causal_offset),
+        K.seqlen_bucket(lq), K.seqlen_bucket(lk),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
+
+    _launch("fwd", K._attn_fwd_kernel, grid, args, _flags(q, d, dv, causal_offset), K.INTERPRETER_FWD_CONFIG)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, need_dq=True, need_dk=True,
+                       need_dv=True, dq=None, dk=None, dv=None, delta=None):
+    """Gradients of :func:`attention_forward` for the ones asked for; P is recomputed from Q, K, LSE.
+
+    Args:
+        grad_out: (B, Hq, Lq, Dv), any strides. q, k, v, out, lse: as in and from the forward.
+        causal_offset, scale: as given to the forward.
+        need_dq, need_dk, need_dv: which gradients to compute; the dQ kernel is skipped without dq,
+            the dK/dV kernel without dk and dv, and one of its two products without the other.
+        dq, dk, dv: optional output buffers (shapes and dtypes of q, k, v; any strides).
+        delta: optional (B, Hq, Lq) scratch buffer in the LSE dtype for ``rowsum(dO * O)``.
+
+    Returns:
+        ``(dq, dk, dv)`` with None for the gradients not asked for. dK and dV of a kv head are summed
+        over its query-head group. Deterministic: no atomics, bitwise identical from run to run.
+    """
+    b, h, lq, d = q.shape
+    hkv, lk, dvdim = k.shape[1], k.shape[2], v.shape[3]
+    need_kv = need_dk or need_dv
+    if need_dq and dq is None:
+        dq = torch.empty_like(q)
+    if need_dk and dk is None:
+        dk = torch.empty_like(k)
+    if need_dv and dv is None:
+        dv = torch.empty_like(v)
+    if not need_dq:
+        dq = None
+    if not need_dk:
+        dk = None
+    if not need_dv:
+        dv = None
+    if not (need_dq or need_kv):
+        return dq, dk, dv
+    if lq == 0 or b * h == 0 or lk == 0:
+        # Nothing to recompute: every row is empty (Lk = 0) or there is no row (Lq = 0).
+        for t in (dq, dk, dv):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dv
+
+    if delta is None:
+        delta = torch.empty((b, h, lq), device=q.device, dtype=lse_dtype(q.dtype))
+    pre = K.INTERPRETER_PREPROCESS_CONFIG if not _device.use_autotune() else K.PREPROCESS_CONFIG
+    K._attn_bwd_preprocess_kernel[(triton.cdiv(lq, pre["BLOCK_M"]) * b * h,)](
+        out, grad_out, delta, h, lq, *out.stride(), *grad_out.stride(), *delta.stride(),
+        HEAD_DV=dvdim, BLOCK_DV=K.head_block(dvdim), num_warps=K.PREPROCESS_WARPS, **pre,
+    )
+
+    flags = _flags(q, d, dvdim, causal_offset)
+    offset = 0 if causal_offset is None else int(causal_offset)
+    common = (float(scale),)
+    sizes_tail = (lq, lk, offset, K.seqlen_bucket(lq), K.seqlen_bucket(lk))
+    in_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *delta.stride())
+
+    if need_kv:
+        # A skipped gradient's pointer is never read (COMPUTE_DK/DV = False): pass the other buffer.
+        dk_buf = dk if dk is not None else dv
+        dv_buf = dv if dv is not None else dk
+        args = (q, k, v, grad_out, lse, delta, dk_buf, dv_buf, *common, hkv, h // hkv, *sizes_tail,
+                *in_strides, *dk_buf.stride(), *dv_buf.stride())
+
+        def grid_kv(meta):
+            return (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)
+
+        _launch("dkdv", K._attn_bwd_dkdv_kernel, grid_kv, args,
+                dict(flags, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv), K.INTERPRETER_BWD_CONFIG)
+    if need_dq:
+        args = (q, k, v, grad_out, lse, delta, dq, *common, h, h // hkv, *sizes_tail, *in_strides, *dq.stride())
+
+        def grid_q(meta):
+            return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
+
+        _launch("dq", K._attn_bwd_dq_kernel, grid_q, args, flags, K.INTERPRETER_BWD_CONFIG)
+    return dq, dk, dv

@@ -1,0 +1,644 @@
+"""Flash-style attention: tiled forward that keeps only the log-sum-exp, backward that recomputes P.
+
+Algorithm
+    Forward (``_attn_fwd_kernel``): one program per (query block, batch * query head). It loads its
+    Q tile once and streams K/V tiles, keeping the running row maximum ``m``, the running row sum ``l``
+    and the unnormalised output ``acc`` (online softmax, Milakov & Gimelshein 2018). Scores are scaled
+    by ``scale * log2(e)`` so every exponential is one ``exp2`` (one MUFU op, no extra multiply).
+    The key loop is split in two: blocks every row of the tile sees completely run without any mask;
+    only the blocks that straddle the causal diagonal or hold the end of the keys are masked, and
+    blocks entirely above the diagonal are never visited (the dQ kernel loops the same way). Writes
+    O and the natural-log LSE, nothing else: no (Lq x Lk) tensor exists at any point.
+
+    Backward (FlashAttention-2's split, Dao 2023):
+    - ``_attn_bwd_preprocess_kernel``: ``Delta = rowsum(dO * O)`` (= rowsum(P * dP)).
+    - ``_attn_bwd_dkdv_kernel``: one program per (key block, batch * kv head). dK and dV of the block
+      stay in registers while the program loops over the (query head of its GQA group, query block)
+      pairs that can see the keys (one flat loop; the causal mask is applied in every iteration),
+      recomputing ``P^T = exp2(K Q^T * scale*log2e - LSE*log2e)``: ``dV += P^T dO``,
+      ``dS^T = P^T * (V dO^T - Delta)``, ``dK += dS^T Q``.
+    - ``_attn_bwd_dq_kernel``: one program per (query block, batch * query head), looping over key
+      blocks like the forward: ``dQ += (P * (dO V^T - Delta)) K``.
+    Each gradient element is written by exactly one program, so there are no atomics and results are
+    bitwise identical from run to run. GQA/MQA: kv head = q head // GROUP; dK/dV of a kv head are
+    summed over its group inside one program, in a fixed order, without expanded K/V copies.
+
+Causal masking: one runtime ``CAUSAL_OFFSET``; key j is visible to query i iff ``j <= i + offset``.
+The library's bottom-right convention (FlashAttention >= 2.1, what a KV cache needs) is
+``offset = Lk - Lq``; ``torch.nn.functional.scaled_dot_product_attention``'s top-left one is 0.
+Rows that see no key (bottom-right with Lq > Lk) give O = 0, LSE = -inf and exactly zero gradients:
+a -inf LSE is read back as +inf so the recomputed P is 0, never NaN.
+
+Follows: FlashAttention (Dao et al. 2022) and FlashAttention-2 (Dao 2023) for the algorithm and the
+backward split; the Triton fused-attention tutorial for the exp2 folding and the masked/unmasked loop
+split; written from the papers, not copied.
+
+dtypes: fp16, bf16 (fp32 accumulation; P and dS are rounded to the input dtype before their matmuls,
+as FlashAttention does), fp32 (``INPUT_PRECISION``: tf32 only where torch allows it), fp64 (fp64
+accumulation and exponentials). bf16 is exercised on CUDA only: Triton's interpreter cannot do bf16
+arithmetic.
+
+Shapes: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; any Lq, Lk >= 1;
+D, Dv <= 256 and not necessarily powers of two (masked loads over ``BLOCK_D`` = next power of two
+>= max(D, 16)). Batch/head/row offsets are int64. LSE: (B, Hq, Lq), fp32 (fp64 for fp64 inputs).
+
+Limits: no dropout, no arbitrary attention mask, no sliding window, no fp8. The fp64 backward at
+D = 256 needs more than the ~100 KB of shared memory of sm_86/sm_89 parts (no config fits there). The dK/dV kernel's
+parallelism is B * Hkv * cdiv(Lk, BLOCK_N) programs, so MQA on very few heads and short keys may not
+fill a large GPU.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import load_tile, store_tile
+from .linear import SMEM_LIMIT
+
+# ----------------------------------------------------------------------------------------------------
+# Config factories
+# ----------------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ: BLOCK_M query rows per program, looping
+# over BLOCK_N keys. dK/dV: BLOCK_N keys per program, looping over BLOCK_M query rows.
+_FWD_TILES = [
+    (128, 128, 8, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 32, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 3),
+    (64, 64, 4, 2),
+    (64, 32, 4, 2),
+    (32, 64, 4, 2),
+    (32, 32, 4, 2),
+    (16, 64, 4, 3),  # decoding (Lq of a few rows): tl.dot needs 16 rows at least
+    (16, 32, 4, 2),
+    (16, 32, 4, 1),  # last resorts for D = 256 in fp32/fp64 on GPUs with ~100 KB of shared memory
+    (16, 16, 4, 1),
+]
+_DKDV_TILES = [
+    (64, 128, 8, 3),
+    (32, 128, 8, 3),
+    (32, 128, 8, 2),
+    (64, 64, 4, 3),
+    (32, 64, 4, 3),
+    (32, 64, 4, 2),
+    (16, 64, 4, 2),
+    (32, 32, 4, 2),
+    (16, 32, 4, 2),
+    (16, 16, 4, 1),
+]
+_DQ_TILES = [
+    (128, 64, 8, 3),
+    (128, 32, 8, 3),
+    (128, 32, 4, 3),
+    (64, 64, 4, 3),
+    (64, 64, 8, 2),
+    (64, 32, 4, 3),
+    (64, 32, 4, 2),
+    (32, 32, 4, 2),
+    (16, 32, 4, 2),
+    (16, 32, 4, 1),
+    (16, 16, 4, 1),
+]
+
+# The Delta preprocess is memory bound: a fixed, wide tile.
+PREPROCESS_CONFIG = {"BLOCK_M": 64}
+PREPROCESS_WARPS = 4
+
+# Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config per
+# kernel. 32x32 tiles, so test lengths such as 37, 97 or 257 span several blocks and every mask path.
+INTERPRETER_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+INTERPRETER_BWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+INTERPRETER_PREPROCESS_CONFIG = {"BLOCK_M": 32}
+
+# Registers (4-byte words per thread) the per-program tiles that live in registers may take; the rest of
+# the 255 goes to addresses, row statistics and operand fragments. A heuristic that rules out tiles
+# seen to spill (a 128-row, D=256 forward on 4 warps), not a measured bound.
+_REG_BUDGET = 160
+
+
+def head_block(head_dim):
+    """``BLOCK_D``: the power-of-two tile covering a head dim (>= 16, the smallest ``tl.dot`` K)."""
+    return triton.next_power_of_2(max(int(head_dim), 16))
+
+
+def seqlen_bucket(n):
+    """Autotune key of a sequence length: the next power of two (>= 16).
+
+    Every length in (2^(k-1), 2^k] shares one tuned config, so a new length neither retunes nor
+    recompiles (the kernel itself takes lengths as runtime integers).
+    """
+    return triton.next_power_of_2(max(int(n), 16))
+
+
+def _configs(tiles):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles
+    ]
+
+
+def get_attn_fwd_configs():
+    """Every config the forward autotuner may try (before pruning by :func:`keep`)."""
+    return _configs(_FWD_TILES)
+
+
+def get_attn_bwd_configs():
+    """Configs the backward autotuners may try, by kernel: ``{"dkdv": [...], "dq": [...]}``.
+
+    The preprocess kernel is not tuned (``PREPROCESS_CONFIG``). Prune each list with
+    ``keep(config, head_dim, dtype_bytes, arch, kernel="dkdv" | "dq")``.
+    """
+    return {"dkdv": _configs(_DKDV_TILES), "dq": _configs(_DQ_TILES)}
+
+
+def attn_smem_bytes(kernel, block_m, block_n, block_d, block_dv, num_stages, dtype_bytes):
+    """Shared memory a config needs: the tile held for the whole program plus one buffer per stage.
+
+    Matches what Triton 3.9 allocated for sm_90 (e.g. 131072 bytes for a 128x64, D=128 bf16 forward
+    with 3 stages); the dK/dV kernel also stages the LSE and Delta rows (fp32, or fp64).
+    """
+    if kernel == "fwd":  # Q held; K and V streamed
+        held, streamed = block_m * block_d, block_n * (block_d + block_dv)
+    elif kernel == "dkdv":  # K and V held; Q and dO streamed
+        held, streamed = block_n * (block_d + block_dv), block_m * (block_d + block_dv)
+    elif kernel == "dq":  # Q and dO held; K and V streamed
+        held, streamed = block_m * (block_d + block_dv), block_n * (block_d + block_dv)
+    else:
+        raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
+    rows = 2 * block_m * num_stages * (8 if dtype_bytes == 8 else 4) if kernel == "dkdv" else 0
+    return (held + num_stages * streamed) * dtype_bytes + rows
+
+
+def attn_register_words(kernel, block_m, block_n, block_d, block_dv, num_warps, dtype_bytes):
+    """Accumulator and score tiles in registers, in 4-byte words per thread (fp64 counts twice)."""
+    if kernel == "fwd":  # acc (M x Dv), S and P (M x N)
+        words = block_m * block_dv + 2 * block_m * block_n
+    elif kernel == "dkdv":  # dK (N x D), dV (N x Dv), P^T and dP^T (N x M)
+        words = block_n * (block_d + block_dv) + 2 * block_m * block_n
+    elif kernel == "dq":  # dQ (M x D), P and dP (M x N)
+        words = block_m * block_d + 2 * block_m * block_n
+    else:
+        raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
+    return words * (2 if dtype_bytes == 8 else 1) // (32 * num_warps)
+
+
+def keep(config, head_dim, dtype_bytes, arch=90, kernel="fwd", head_dim_v=None):
+    """Whether an attention config is worth compiling for this head dim, dtype and architecture.
+
+    The rule the autotune lists are pruned by (and that an AOT report can apply): the held tile plus
+    the pipeline buffers must fit the arch's shared memory (``SMEM_LIMIT``), and the register-resident
+    tiles must fit ``_REG_BUDGET`` words per thread. A heuristic: it rules out the configs that spilled
+    heavily when compiled for sm_90 (Triton 3.9, D = 64 and 128), not every small spill.
+
+    Args:
+        config: a ``triton.Config`` from :func:`get_attn_fwd_configs` / :func:`get_attn_bwd_configs`.
+        head_dim: D (the Q/K head dim). head_dim_v: Dv (defaults to D).
+        dtype_bytes: element size of the inputs (2, 4 or 8).
+        arch: compute capability as an int (80, 86, 89, 90).
+        kernel: "fwd", "dkdv" or "dq".
+    """
+    bd = head_block(head_dim)
+    bdv = head_block(head_dim if head_dim_v is None else head_dim_v)
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    smem = attn_smem_bytes(kernel, bm, bn, bd, bdv, config.num_stages, dtype_bytes)
+    if smem > SMEM_LIMIT.get(arch, SMEM_LIMIT[80]):
+        return False
+    return attn_register_words(kernel, bm, bn, bd, bdv, config.num_warps, dtype_bytes) <= _REG_BUDGET
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+# log2(e) and ln(2): scores are kept in base 2 inside the kernels, the LSE in natural log outside.
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _scales(SM_SCALE, ACC_DTYPE: tl.constexpr):
+    """``(scale * log2(e), scale)`` in the accumulator dtype.
+
+    The scale arrives as an fp64 scalar (the kernel argument is annotated "fp64"): a Python float would
+    be rounded to fp32, 6e-8 relative error that an fp64 computation must not carry. ``tl.full`` makes
+    it a typed scalar under the interpreter too, where plain floats would be made fp32.
+    """
+    s64 = tl.full([], SM_SCALE, tl.float64)
+    return (s64 * _LOG2E).to(ACC_DTYPE), s64.to(ACC_DTYPE)
+
+
+@triton.jit
+def _causal_key_range(start_m, LK, CAUSAL_OFFSET, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Key range of a query block: ``[0, full)`` needs no mask, ``[full, hi)`` does.
+
+    ``full`` is a multiple of BLOCK_N below which every key is inside Lk and visible to every row of the
+    block; ``hi`` is one past the last key visible to any row. Negative values are clamped before the
+    division (integer division of negatives rounds differently on GPU and in the interpreter).
+    """
+    # "+ start_m * 0": int64 like start_m, so the loop variable that multiplies strides is int64.
+    lk_full = LK // BLOCK_N * BLOCK_N + start_m * 0
+    if IS_CAUSAL:
+        first_row_sees = tl.maximum(start_m + CAUSAL_OFFSET + 1, 0)  # keys [0, this) for row start_m
+        full = tl.minimum(first_row_sees // BLOCK_N * BLOCK_N, lk_full)
+        hi = tl.minimum(start_m + BLOCK_M + CAUSAL_OFFSET, LK)
+    else:
+        full = lk_full
+        hi = LK + start_m * 0
+    return full, hi
+
+
+@triton.jit
+def _visible(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask of a score tile: key ``start_n + c`` exists and query ``start_m + r`` sees it.
+
+    Computed in int32 relative to the tile (``c - r <= start_m + offset - start_n``) after clamping the
+    int64 scalars into the tile's range: 64-bit per-element compares cost registers the tiles need.
+    """
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    keys_left = tl.minimum(LK - start_n, BLOCK_N).to(tl.int32)
+    visible = c[None, :] < keys_left
+    if IS_CAUSAL:
+        shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+        visible = visible & (c[None, :] - r[:, None] <= shift)
+    return visible
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q, K_bh, V_bh, start_m, lo, hi, LK, CAUSAL_OFFSET, qk_scale,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Online-softmax update of one query tile over key blocks ``[lo, hi)``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_blk = K_bh + start_n * stride_kn
+        v_blk = V_bh + start_n * stride_vn
+        # Unmasked blocks bound the rows by the constexpr BLOCK_N: the row mask folds away.
+        rows = LK - start_n if MASKED else BLOCK_N
+        k = load_tile(k_blk, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if MASKED:
+            visible = _visible(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible yet keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_tile(v_blk, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
+        acc = acc * alpha[:, None]
+        # P rounded to the input dtype for the tensor-core matmul (fp32/fp64: no rounding).
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET"])
+def _attn_fwd_kernel(
+    # pointers
+    Q, K, V, O, LSE,
+    # scalars
+    SM_SCALE: "fp64",
+    # sizes
+    H, GROUP, LQ, LK, CAUSAL_OFFSET,
+    LQ_BUCKET, LK_BUCKET,  # autotune keys only
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    # constexpr flags
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """O = softmax(Q K^T * scale) V and the natural-log LSE of each row.
+
+    Grid: (cdiv(LQ, BLOCK_M) * B * H,), H query heads; kv head = query head // GROUP.
+    """
+    tl.static_assert(BLOCK_D >= HEAD_D, "BLOCK_D must cover the head dim")
+    tl.static_assert(BLOCK_DV >= HEAD_DV, "BLOCK_DV must cover the value head dim")
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs 16 at least")
+    ACC_DTYPE: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+
+    num_m = tl.cdiv(LQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m  # the longest rows (most key blocks) start first
+    pid_bh = (pid // num_m).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    start_m = pid_m.to(tl.int64) * BLOCK_M
+
+    Q_blk = Q + b * stride_qb + h * stride_qh + start_m * stride_qm
+    K_bh = K + b * stride_kb + kvh * stride_kh
+    V_bh = V + b * stride_vb + kvh * stride_vh
+
+    offs_m_local = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(Q_blk, offs_m_local, offs_d, stride_qm, stride_qd, LQ - start_m, HEAD_D)
+    qk_scale, _ = _scales(SM_SCALE, ACC_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
+
+    full, hi = _causal_key_range(start_m, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_bh, V_bh, start_m, 0, full, LK, CAUSAL_OFFSET, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        False, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_bh, V_bh, start_m, full, hi, LK, CAUSAL_OFFSET, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+
+    # l == 0 exactly when the row saw no key (the row maximum contributes exp2(0) = 1 otherwise).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (1.0 / l_safe)[:, None]
+    O_blk = O + b * stride_ob + h * stride_oh + start_m * stride_om
+    store_tile(O_blk, out.to(O.dtype.element_ty), offs_m_local, offs_dv, stride_om, stride_od, LQ - start_m, HEAD_DV)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    LSE_blk = LSE + b * stride_lb + h * stride_lh + start_m * stride_lm
+    tl.store(LSE_blk + offs_m_local * stride_lm, lse.to(LSE.dtype.element_ty), mask=offs_m_local < LQ - start_m)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    # pointers
+    O, DO, DELTA,
+    # sizes
+    H, LQ,
+    # strides
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_deb, stride_deh, stride_dem,
+    # constexpr
+    HEAD_DV: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """``Delta = rowsum(dO * O)`` in the accumulator dtype; equals rowsum(P * dP) of the backward.
+
+    Grid: (cdiv(LQ, BLOCK_M) * B * H,).
+    """
+    ACC_DTYPE: tl.constexpr = tl.float64 if O.dtype.element_ty == tl.float64 else tl.float32
+    num_m = tl.cdiv(LQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_bh = (pid // num_m).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = (pid % num_m).to(tl.int64) * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o = load_tile(O + b * stride_ob + h * stride_oh + start_m * stride_om, offs_m, offs_dv,
+                  stride_om, stride_od, LQ - start_m, HEAD_DV)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + start_m * stride_dom, offs_m, offs_dv,
+                   stride_dom, stride_dod, LQ - start_m, HEAD_DV)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
+    tl.store(DELTA + b * stride_deb + h * stride_deh + (start_m + offs_m) * stride_dem, delta,
+             mask=offs_m < LQ - start_m)
+
+
+@triton.jit
+def _load_row_stats(LSE_blk, DELTA_blk, offs, rows, stride_lm, stride_dem, ACC_DTYPE: tl.constexpr):
+    """LSE (in base 2) and Delta of ``rows`` query rows; padding rows read LSE = +inf, Delta = 0.
+
+    +inf makes the recomputed P of a padding row ``exp2(s - inf) = 0``, so it adds nothing to dK/dV
+    without a row mask. A -inf LSE (a row that saw no key) is read as +inf too: the causal mask
+    already zeroes every P entry of such a row, and this keeps P finite (0, not ``exp2(+inf)``) before
+    the mask is applied.
+    """
+    valid = offs < rows
+    lse = tl.load(LSE_blk + offs * stride_lm, mask=valid, other=float("inf")).to(ACC_DTYPE)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    delta = tl.load(DELTA_blk + offs * stride_dem, mask=valid, other=0.0).to(ACC_DTYPE)
+    return lse2, delta
+
+
+@triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET"])
+def _attn_bwd_dkdv_kernel(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    # scalars
+    SM_SCALE: "fp64",
+    # sizes
+    HKV, GROUP, LQ, LK, CAUSAL_OFFSET,
+    LQ_BUCKET, LK_BUCKET,  # autotune keys only
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_deb, stride_deh, stride_dem,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    # constexpr flags
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dK, dV of one key block of one kv head, summed over the GROUP query heads that read it.
+
+    Grid: (cdiv(LK, BLOCK_N) * B * HKV,). Query head ``kvh * GROUP + g`` reads kv head ``kvh``; LSE and
+    Delta are indexed by query head (B, HKV * GROUP, LQ).
+
+    One flat loop over (query head of the group, query block) pairs rather than two nested loops: the
+    nest cost registers (spills at D = 128 on sm_90) and restarted the load pipeline at every head.
+    Scores are transposed (keys x queries) so dK and dV come out of plain ``tl.dot`` s. Padding query
+    rows need no mask: their Q and dO load as 0 and their LSE as +inf, so P^T is 0 there. Query blocks
+    that see none of the keys are skipped; with causal masking the others are all masked (cheap next to
+    the four matmuls of an iteration, and one loop body instead of two keeps registers free).
+    """
+    tl.static_assert(BLOCK_D >= HEAD_D, "BLOCK_D must cover the head dim")
+    tl.static_assert(BLOCK_DV >= HEAD_DV, "BLOCK_DV must cover the value head dim")
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs 16 at least")
+    ACC_DTYPE: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+
+    num_n = tl.cdiv(LK, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_bh = (pid // num_n).to(tl.int64)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    start_n = (pid % num_n).to(tl.int64) * BLOCK_N
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_tile(K + b * stride_kb + kvh * stride_kh + start_n * stride_kn, offs_n, offs_d,
+                  stride_kn, stride_kd, LK - start_n, HEAD_D)
+    v = load_tile(V + b * stride_vb + kvh * stride_vh + start_n * stride_vn, offs_n, offs_dv,
+                  stride_vn, stride_vd, LK - start_n, HEAD_DV)
+    qk_scale, sm_scale = _scales(SM_SCALE, ACC_DTYPE)
+
+    # The group's first query head; head g of the group is at + g * stride_*h.
+    h0 = kvh * GROUP
+    Q_b = Q + b * stride_qb + h0 * stride_qh
+    DO_b = DO + b * stride_dob + h0 * stride_doh
+    LSE_b = LSE + b * stride_lb + h0 * stride_lh
+    DELTA_b = DELTA + b * stride_deb + h0 * stride_deh
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC_DTYPE)
+    if IS_CAUSAL:
+        # First query block holding a row that sees key start_n (j <= i + offset <=> i >= j - offset);
+        # clamped before dividing (negative division rounds differently on GPU and in the interpreter).
+        lo = tl.minimum(tl.maximum(start_n - CAUSAL_OFFSET, 0) // BLOCK_M * BLOCK_M, LQ)
+    else:
+        lo = start_n * 0
+    n_blocks = tl.cdiv(LQ - lo, BLOCK_M).to(tl.int32)
+    for it in range(0, GROUP * n_blocks):
+        g = it // n_blocks
+        start_m = lo + (it - g * n_blocks) * BLOCK_M
+        rows = LQ - start_m
+        q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
+                      rows, HEAD_D)
+        do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
+                       rows, HEAD_DV)
+        lse2, delta = _load_row_stats(LSE_b + g * stride_lh + start_m * stride_lm,
+                                      DELTA_b + g * stride_deh + start_m * stride_dem,
+                                      offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if IS_CAUSAL:
+            # Key start_n + c is visible to query start_m + r iff c - r <= shift (int32, see _visible).
+            shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+            p_t = tl.where(offs_n[:, None] - offs_m[None, :] <= shift, p_t, 0.0)
+        if COMPUTE_DV:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        if COMPUTE_DK:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+
+    if COMPUTE_DK:
+        store_tile(DK + b * stride_dkb + kvh * stride_dkh + start_n * stride_dkn,
+                   (dk * sm_scale).to(DK.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd,
+                   LK - start_n, HEAD_D)
+    if COMPUTE_DV:
+        store_tile(DV + b * stride_dvb + kvh * stride_dvh + start_n * stride_dvn,
+                   dv.to(DV.dtype.element_ty), offs_n, offs_dv, stride_dvn, stride_dvd,
+                   LK - start_n, HEAD_DV)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta, K_bh, V_bh, start_m, lo, hi, LK, CAUSAL_OFFSET, qk_scale,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Accumulate one query tile's dQ over key blocks ``[lo, hi)``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        rows = LK - start_n if MASKED else BLOCK_N
+        k = load_tile(K_bh + start_n * stride_kn, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
+        v = load_tile(V_bh + start_n * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            # Keys past LK are masked too: their zero K gives s = 0 and exp2(-lse) can overflow.
+            visible = _visible(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET"])
+def _attn_bwd_dq_kernel(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DQ,
+    # scalars
+    SM_SCALE: "fp64",
+    # sizes
+    H, GROUP, LQ, LK, CAUSAL_OFFSET,
+    LQ_BUCKET, LK_BUCKET,  # autotune keys only
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_deb, stride_deh, stride_dem,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    # constexpr flags
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dQ of one query block of one query head. Grid: (cdiv(LQ, BLOCK_M) * B * H,)."""
+    tl.static_assert(BLOCK_D >= HEAD_D, "BLOCK_D must cover the head dim")
+    tl.static_assert(BLOCK_DV >= HEAD_DV, "BLOCK_DV must cover the value head dim")
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs 16 at least")
+    ACC_DTYPE: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+
+    num_m = tl.cdiv(LQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m  # the longest rows first, as in the forward
+    pid_bh = (pid // num_m).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    start_m = pid_m.to(tl.int64) * BLOCK_M
+
+    offs_m_local = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = LQ - start_m
+    q = load_tile(Q + b * stride_qb + h * stride_qh + start_m * stride_qm, offs_m_local, offs_d,
+                  stride_qm, stride_qd, rows, HEAD_D)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + start_m * stride_dom, offs_m_local, offs_dv,
+                   stride_dom, stride_dod, rows, HEAD_DV)
+    lse2, delta = _load_row_stats(LSE + b * stride_lb + h * stride_lh + start_m * stride_lm,
+                                  DELTA + b * stride_deb + h * stride_deh + start_m * stride_dem,
+                                  offs_m_local, rows, stride_lm, stride_dem, ACC_DTYPE)
+    qk_scale, sm_scale = _scales(SM_SCALE, ACC_DTYPE)
+    K_bh = K + b * stride_kb + kvh * stride_kh
+    V_bh = V + b * stride_vb + kvh * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    full, hi = _causal_key_range(start_m, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, K_bh, V_bh, start_m, 0, full, LK, CAUSAL_OFFSET, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        False, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, K_bh, V_bh, start_m, full, hi, LK, CAUSAL_OFFSET, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+    store_tile(DQ + b * stride_dqb + h * stride_dqh + start_m * stride_dqm, (dq * sm_scale).to(DQ.dtype.element_ty),
+               offs_m_local, offs_d, stride_dqm, stride_dqd, rows, HEAD_D)
