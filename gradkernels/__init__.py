@@ -7,10 +7,10 @@ import logging
 
 from . import nn, reference
 from ._device import backend_for
-from .functional import linear
+from .functional import attention, linear, scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
 logger = logging.getLogger("gradkernels")
 
-__all__ = ["backend_for", "linear", "logger", "nn", "reference"]
+__all__ = ["attention", "backend_for", "linear", "logger", "nn", "reference", "scaled_dot_product_attention"]

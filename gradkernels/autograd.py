@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from .ops import attention as attention_ops
 from .ops import linear as linear_ops
 
 _custom_fwd = torch.amp.custom_fwd(device_type="cuda")
@@ -43,3 +44,31 @@ class LinearFunction(torch.autograd.Function):
             _flatten(grad_out), x2, weight, pre, ctx.activation, need_dx, need_dw, need_db
         )
         return (None if dx is None else dx.view(ctx.x_shape)), dw, db, None
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Flash-style attention through the Triton kernels; returns ``(out, lse)``.
+
+    Saves q, k, v, out and the LSE only (no Lq x Lk tensor); the backward recomputes P from them.
+    ``lse`` is marked non-differentiable: gradients flow through ``out`` only.
+    """
+
+    @staticmethod
+    @_custom_fwd
+    def forward(ctx, q, k, v, causal_offset, scale):
+        out, lse = attention_ops.attention_forward(q, k, v, causal_offset, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal_offset, ctx.scale = causal_offset, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @_custom_bwd
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
+        dq, dk, dv = attention_ops.attention_backward(
+            grad_out, q, k, v, out, lse, ctx.causal_offset, ctx.scale,
+            need_dq=need_dq, need_dk=need_dk, need_dv=need_dv,
+        )
+        return dq, dk, dv, None, None

@@ -45,3 +45,68 @@ class Linear(torch.nn.Linear):
 
     def extra_repr(self):
         return super().extra_repr() + f", activation={self.activation!r}"
+
+
+class MultiHeadAttention(torch.nn.Module):
+    """Self-attention layer on the gradkernels kernels: projections through :func:`gradkernels.linear`,
+    attention through :func:`gradkernels.attention` (grouped-query when ``num_kv_heads < num_heads``).
+
+    Input and output (B, L, embed_dim). The projected (B, L, H, head_dim) tensors are read by the
+    attention kernels in place (no transposed copies).
+
+    Args:
+        embed_dim: model width; a multiple of ``num_heads``.
+        num_heads: query heads; ``head_dim = embed_dim // num_heads`` (at most 256).
+        num_kv_heads: key/value heads (a divisor of ``num_heads``); ``num_heads`` when None.
+        causal: each position attends to itself and earlier positions only.
+        bias: whether the four projections have a bias.
+        device, dtype: of the parameters, as for ``torch.nn.Linear``.
+
+    Raises:
+        ValueError: sizes that do not divide as described.
+    """
+
+    def __init__(self, embed_dim, num_heads, num_kv_heads=None, causal=False, bias=True, device=None,
+                 dtype=None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, n in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if embed_dim // num_heads > 256:
+            raise ValueError(f"head_dim = embed_dim // num_heads must be at most 256, got {embed_dim // num_heads}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.causal = causal
+        kv_dim = num_kv_heads * self.head_dim
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.q_proj = Linear(embed_dim, embed_dim, **kw)
+        self.k_proj = Linear(embed_dim, kv_dim, **kw)
+        self.v_proj = Linear(embed_dim, kv_dim, **kw)
+        self.out_proj = Linear(embed_dim, embed_dim, **kw)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (batch, seq_len, embed_dim={self.embed_dim}), got {got}")
+        b, length, _ = x.shape
+
+        def heads(t, n):  # (B, L, n * hd) -> (B, n, L, hd), a view
+            return t.view(b, length, n, self.head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj(x), self.num_heads)
+        k = heads(self.k_proj(x), self.num_kv_heads)
+        v = heads(self.v_proj(x), self.num_kv_heads)
+        out = F.attention(q, k, v, causal=self.causal)
+        # The kernels write out in (B, L, H, hd) memory order when q is laid out so: a free reshape.
+        return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"causal={self.causal}")
