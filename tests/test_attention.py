@@ -1,0 +1,474 @@
+"""Flash-style attention: forward, LSE and every gradient against an fp64 reference (two oracles).
+
+Oracles: ``reference.AttentionFunction`` (the textbook path with an explicit softmax backward) in fp64,
+and the same path in the dtype under test; the SDPA drop-in is compared with torch's own SDPA. On the
+CPU the kernels run under Triton's interpreter (shapes kept small); on a GPU the same tests run, plus
+the bf16 and long-sequence cases marked below.
+"""
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradkernels
+from gradkernels import reference
+from gradkernels.kernels import attention as KA
+from gradkernels.ops import attention as attention_ops
+from utils import DEVICE, ON_GPU, check_against, max_err
+
+FACTOR_OUT, FACTOR_GRAD = 2, 3
+ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+       torch.float64: torch.float64}
+
+
+def _qkv(b, hq, hkv, lq, lk, d, dv, dtype, layout="bhld"):
+    """q, k, v with requires_grad; ``layout="blhd"``: (B, L, H, D) storage seen as (B, H, L, D)."""
+    def make(h, length, dim):
+        if layout == "blhd":
+            return torch.randn(b, length, h, dim, device=DEVICE, dtype=dtype).transpose(1, 2)
+        return torch.randn(b, h, length, dim, device=DEVICE, dtype=dtype)
+
+    q, k, v = make(hq, lq, d), make(hkv, lk, d), make(hkv, lk, dv)
+    return [t.requires_grad_(True) for t in (q, k, v)]
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def _oracles(q, k, v, grad_out, causal, scale, align="bottom_right"):
+    """(out, lse, dq, dk, dv) of the reference in fp64 and of torch's path in the dtype under test.
+
+    Reference: ``reference.AttentionFunction`` (explicit softmax backward) in fp64. Same-dtype path:
+    ``reference.standard_attention`` (composed torch ops, autograd) in q's dtype: for fp64 inputs it is
+    a second fp64 computation, so the allowed error is fp64's own, not just the rounding floor.
+    """
+    qq, kk, vv = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    out = reference.naive_attention(qq, kk, vv, causal, scale, align)
+    _, lse = reference.standard_attention(qq.detach(), kk.detach(), vv.detach(), causal, scale,
+                                          return_lse=True, align=align)
+    ref = (out, lse, *_grads(out, (qq, kk, vv), grad_out.double()))
+    qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out, lse = reference.standard_attention(qq, kk, vv, causal, scale, return_lse=True, align=align)
+    same = (out, lse.detach(), *_grads(out, (qq, kk, vv), grad_out))
+    return ref, same
+
+
+def _check_all(ours, same, ref, lse_dtype):
+    out, lse, dq, dk, dv = ours
+    check_against(out, same[0], ref[0], FACTOR_OUT, "out")
+    assert lse.dtype == lse_dtype
+    finite = torch.isfinite(ref[1])
+    assert torch.equal(torch.isfinite(lse), finite), "lse: -inf rows differ from the reference"
+    check_against(lse[finite], same[1][finite].to(lse_dtype), ref[1][finite], FACTOR_OUT, "lse")
+    for name, ours_g, same_g, ref_g in zip(("dq", "dk", "dv"), (dq, dk, dv), same[2:], ref[2:]):
+        check_against(ours_g, same_g, ref_g, FACTOR_GRAD, name)
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, causal, dtype): every listed length pair, head dim and mode appears at
+# least once; kept small because the CPU runs them under the interpreter.
+CASES = [
+    (1, 2, 2, 1, 1, 16, 16, False, torch.float32),
+    (1, 2, 2, 1, 239, 64, 64, True, torch.float32),  # decoding: one query sees every key
+    (2, 2, 2, 37, 53, 40, 40, False, torch.float32),
+    (1, 2, 2, 37, 53, 80, 80, True, torch.float16),
+    (1, 1, 1, 113, 203, 64, 64, True, torch.float32),
+    (1, 1, 1, 128, 128, 128, 128, True, torch.float32),
+    (1, 1, 1, 257, 129, 16, 16, False, torch.float32),
+    (1, 1, 1, 257, 129, 16, 16, True, torch.float64),  # 128 rows see no key
+    (1, 2, 2, 97, 97, 40, 24, True, torch.float32),  # Dv != D
+    (1, 1, 1, 53, 37, 64, 96, False, torch.float16),  # Dv > D
+    (1, 8, 2, 37, 53, 64, 64, True, torch.float32),  # GQA 4:1
+    (1, 4, 1, 53, 37, 40, 40, True, torch.float16),  # MQA, empty rows
+    (1, 4, 1, 97, 113, 80, 80, False, torch.float64),  # MQA
+    (1, 1, 1, 37, 53, 100, 100, False, torch.float32),
+    (1, 1, 1, 37, 41, 256, 256, True, torch.float32),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,lq,lk,d,dv,causal,dtype", CASES)
+def test_attention_matches_reference(b, hq, hkv, lq, lk, d, dv, causal, dtype):
+    q, k, v = _qkv(b, hq, hkv, lq, lk, d, dv, dtype)
+    grad_out = torch.randn(b, hq, lq, dv, device=DEVICE, dtype=dtype)
+    out, lse = gradkernels.attention(q, k, v, causal=causal, return_lse=True)
+    ours = (out, lse, *_grads(out, (q, k, v), grad_out))
+    ref, same = _oracles(q, k, v, grad_out, causal, 1 / math.sqrt(d))
+    _check_all(ours, same, ref, ACC[dtype])
+
+
+@settings(max_examples=25, deadline=None)
+@given(lq=st.integers(1, 80), lk=st.integers(1, 80), d=st.integers(1, 72), dv=st.integers(1, 72),
+       group=st.sampled_from([1, 2, 3]), causal=st.booleans(), top_left=st.booleans())
+def test_fuzz_lengths_head_dims_and_masks(lq, lk, d, dv, group, causal, top_left):
+    """Random lengths around the 32-row interpreter tiles, head dims from 1, both causal alignments:
+    exercises every branch of the block-range arithmetic (full, straddling, skipped, padded blocks)."""
+    q, k, v = _qkv(1, group, 1, lq, lk, d, dv, torch.float64)
+    grad_out = torch.randn(1, group, lq, dv, device=DEVICE, dtype=torch.float64)
+    scale = 1 / math.sqrt(d)
+    align = "top_left" if top_left else "bottom_right"
+    offset = None if not causal else (0 if top_left else lk - lq)
+    out, lse = gradkernels.autograd.AttentionFunction.apply(q, k, v, offset, scale)
+    ours = (out, lse, *_grads(out, (q, k, v), grad_out))
+    ref, same = _oracles(q, k, v, grad_out, causal, scale, align=align)
+    _check_all(ours, same, ref, torch.float64)
+
+
+def test_strided_inputs_are_read_in_place(monkeypatch):
+    """(B, L, H, D) projections seen as (B, H, L, D), K and V slices of one packed tensor, a strided
+    grad_out: correct results, and the kernels get the caller's tensors (no contiguous copies)."""
+    b, h, lq, lk, d = 2, 2, 37, 53, 40
+    q = torch.randn(b, lq, h, d, device=DEVICE).transpose(1, 2).requires_grad_(True)
+    kv = torch.randn(b, lk, 2, h, d, device=DEVICE)
+    k = kv[:, :, 0].transpose(1, 2).requires_grad_(True)
+    v = kv[:, :, 1].transpose(1, 2).requires_grad_(True)
+    grad_out = torch.randn(b, lq, h, d, device=DEVICE).transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or grad_out.is_contiguous())
+
+    seen = []
+    launch = attention_ops._launch
+
+    def spy(kernel, fn, grid, args, flags, pinned):
+        seen.append((kernel, args))
+        return launch(kernel, fn, grid, args, flags, pinned)
+
+    monkeypatch.setattr(attention_ops, "_launch", spy)
+    out = gradkernels.attention(q, k, v, causal=True)
+    ours = (out, None, *_grads(out, (q, k, v), grad_out))
+    assert [kind for kind, _ in seen] == ["fwd", "dkdv", "dq"]
+    for _, args in seen:
+        assert args[0].data_ptr() == q.data_ptr() and args[0].stride() == q.stride()
+        assert args[1].data_ptr() == k.data_ptr() and args[1].stride() == k.stride()
+        assert args[2].data_ptr() == v.data_ptr() and args[2].stride() == v.stride()
+    assert seen[1][1][3].stride() == grad_out.stride()  # dO read in place too
+
+    ref, same = _oracles(q, k, v, grad_out, True, 1 / math.sqrt(d))
+    check_against(ours[0], same[0], ref[0], FACTOR_OUT, "out")
+    for name, i in (("dq", 2), ("dk", 3), ("dv", 4)):
+        check_against(ours[i], same[i], ref[i], FACTOR_GRAD, name)
+
+
+@pytest.mark.parametrize("lq,lk", [(53, 37), (37, 53)])
+def test_top_left_alignment_through_the_launcher(lq, lk):
+    """``causal_offset=0`` (torch's is_causal) against the reference's top-left mask, both Lq < Lk and
+    Lq > Lk (no empty rows in this alignment)."""
+    q, k, v = _qkv(1, 2, 1, lq, lk, 64, 64, torch.float32)
+    grad_out = torch.randn(1, 2, lq, 64, device=DEVICE)
+    scale = 0.3
+    out, lse = gradkernels.autograd.AttentionFunction.apply(q, k, v, 0, scale)
+    ours = (out, lse, *_grads(out, (q, k, v), grad_out))
+    ref, same = _oracles(q, k, v, grad_out, True, scale, align="top_left")
+    _check_all(ours, same, ref, torch.float32)
+
+
+def test_empty_rows_give_zero_output_minus_inf_lse_and_zero_gradients():
+    lq, lk = 37, 11  # bottom-right: rows 0..25 see no key
+    q, k, v = _qkv(1, 2, 1, lq, lk, 40, 40, torch.float32)
+    grad_out = torch.randn(1, 2, lq, 40, device=DEVICE)
+    out, lse = gradkernels.attention(q, k, v, causal=True, return_lse=True)
+    dq, dk, dv = _grads(out, (q, k, v), grad_out)
+    empty = lq - lk
+    assert torch.equal(out[:, :, :empty], torch.zeros_like(out[:, :, :empty]))
+    assert torch.all(lse[:, :, :empty] == float("-inf"))
+    assert torch.isfinite(lse[:, :, empty:]).all()
+    assert torch.equal(dq[:, :, :empty], torch.zeros_like(dq[:, :, :empty]))
+    for t in (out, dq, dk, dv):
+        assert not torch.isnan(t).any()
+    # The rows that do see keys are still right (the reference handles empty rows the same way).
+    ref, same = _oracles(q, k, v, grad_out, True, 1 / math.sqrt(40))
+    _check_all((out, lse, dq, dk, dv), same, ref, torch.float32)
+
+
+def test_lse_merges_partial_results_over_key_chunks():
+    """Attention over keys [0, 60) and [60, 113) merged with their LSEs equals attention over all."""
+    dtype = torch.float64
+    q, k, v = (t.detach() for t in _qkv(1, 2, 2, 37, 113, 40, 40, dtype))
+    o1, l1 = gradkernels.attention(q, k[:, :, :60], v[:, :, :60], return_lse=True)
+    o2, l2 = gradkernels.attention(q, k[:, :, 60:], v[:, :, 60:], return_lse=True)
+    lse = torch.logaddexp(l1, l2)
+    merged = o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None]
+    ref_out, ref_lse = reference.standard_attention(q, k, v, return_lse=True)
+    # fp64 end to end: an exact merge agrees to ~1e-15 (an fp32 LSE would be off by ~1e-7).
+    assert max_err(merged, ref_out) < 1e-12 and max_err(lse, ref_lse) < 1e-12
+    # Not a tautology: each chunk alone differs from the full result.
+    assert (o1 - ref_out).abs().max() > 1e-3
+
+
+def test_lse_is_not_differentiable_and_out_still_is():
+    q, k, v = _qkv(1, 2, 2, 17, 23, 16, 16, torch.float32)
+    out, lse = gradkernels.attention(q, k, v, return_lse=True)
+    assert not lse.requires_grad and out.requires_grad
+    out.sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+@pytest.mark.parametrize("which", ["q", "kv", "v"])
+def test_only_requested_gradients_are_computed(which, monkeypatch):
+    q, k, v = _qkv(1, 4, 2, 37, 53, 40, 40, torch.float32)
+    wanted = {"q": (q,), "kv": (k, v), "v": (v,)}[which]
+    for t in (q, k, v):
+        t.requires_grad_(any(t is w for w in wanted))
+    launched = []
+    launch = attention_ops._launch
+    monkeypatch.setattr(attention_ops, "_launch",
+                        lambda kernel, *a: (launched.append((kernel, a[3])), launch(kernel, *a))[1])
+    grad_out = torch.randn(1, 4, 37, 40, device=DEVICE)
+    out = gradkernels.attention(q, k, v, causal=True)
+    grads = _grads(out, wanted, grad_out)
+    kernels = [kind for kind, _ in launched]
+    assert kernels == {"q": ["fwd", "dq"], "kv": ["fwd", "dkdv"], "v": ["fwd", "dkdv"]}[which]
+    if which == "v":
+        assert launched[1][1]["COMPUTE_DK"] is False and launched[1][1]["COMPUTE_DV"] is True
+    ref, same = _oracles(q, k, v, grad_out, True, 1 / math.sqrt(40))
+    index = {"q": (2,), "kv": (3, 4), "v": (4,)}[which]
+    for g, i in zip(grads, index):
+        check_against(g, same[i], ref[i], FACTOR_GRAD, f"grad {i}")
+
+
+def test_gradients_are_bitwise_deterministic():
+    q, k, v = _qkv(2, 4, 1, 53, 61, 40, 40, torch.float32)
+    grad_out = torch.randn(2, 4, 53, 40, device=DEVICE)
+    first = _grads(gradkernels.attention(q, k, v, causal=True), (q, k, v), grad_out)
+    second = _grads(gradkernels.attention(q, k, v, causal=True), (q, k, v), grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("causal,lq,lk", [(False, 5, 7), (True, 5, 7), (True, 7, 5)])
+def test_gradcheck_fp64_through_the_kernels(causal, lq, lk):
+    q = torch.randn(1, 2, lq, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, lk, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, lk, 6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    assert gradkernels.backend_for(q) in ("triton", "interpreter")
+    assert torch.autograd.gradcheck(lambda q, k, v: gradkernels.attention(q, k, v, causal=causal),
+                                     (q, k, v), fast_mode=True)
+
+
+def test_scale_is_applied_in_full_precision():
+    """A scale that is not an fp32 number: fp64 results keep fp64 accuracy (the kernel takes it as fp64)."""
+    q, k, v = (t.detach() for t in _qkv(1, 1, 1, 37, 53, 16, 16, torch.float64))
+    scale = 1 / 3
+    out, lse = gradkernels.attention(q, k, v, scale=scale, return_lse=True)
+    ref_out, ref_lse = reference.standard_attention(q, k, v, scale=scale, return_lse=True)
+    # 1/3 rounded to fp32 is off by 1e-8 relative: the outputs would differ by ~1e-8, not ~1e-16.
+    assert max_err(out, ref_out) < 1e-12 and max_err(lse, ref_lse) < 1e-12
+
+
+def _t(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(*shape, device=device, dtype=dtype)
+
+
+BAD = [
+    (lambda: (_t(2, 8, 16), _t(2, 1, 8, 16), _t(2, 1, 8, 16)), {}, ValueError, "q must be 4-D"),
+    (lambda: (_t(2, 1, 8, 16), _t(3, 1, 8, 16), _t(3, 1, 8, 16)), {}, ValueError, "batch size"),
+    (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 24), _t(1, 2, 8, 16)), {}, ValueError, "k must have the head dim"),
+    (lambda: (_t(1, 3, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {}, ValueError, "multiple of k"),
+    (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 9, 16)), {}, ValueError, "v must have as many positions"),
+    (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 1, 8, 16)), {}, ValueError, "v must have as many heads"),
+    (lambda: (_t(1, 1, 8, 300), _t(1, 1, 8, 300), _t(1, 1, 8, 16)), {}, ValueError, "q's head dim"),
+    (lambda: (_t(1, 1, 8, 16), _t(1, 1, 8, 16), _t(1, 1, 8, 257)), {}, ValueError, "v's head dim"),
+    (lambda: (_t(1, 1, 8, 16), _t(1, 1, 8, 16, dtype=torch.float64), _t(1, 1, 8, 16)), {}, TypeError,
+     "k has dtype"),
+    (lambda: (torch.ones(1, 1, 8, 16, dtype=torch.int32), _t(1, 1, 8, 16), _t(1, 1, 8, 16)), {}, TypeError,
+     "q must be a floating-point"),
+    (lambda: (_t(1, 1, 8, 16), _t(1, 1, 8, 16, device="meta"), _t(1, 1, 8, 16)), {}, ValueError, "k is on meta"),
+    (lambda: ([[1.0]], _t(1, 1, 8, 16), _t(1, 1, 8, 16)), {}, TypeError, "q must be a torch.Tensor"),
+    (lambda: (_t(1, 1, 8, 16), _t(1, 1, 8, 16), _t(1, 1, 8, 16)), {"scale": "0.5"}, TypeError, "scale"),
+    (lambda: (_t(1, 1, 8, 16), _t(1, 1, 8, 16), _t(1, 1, 8, 16)), {"scale": float("nan")}, ValueError, "scale"),
+    (lambda: (_t(1, 1, 8, 16), _t(1, 1, 8, 16), _t(1, 1, 8, 16)), {"causal": 1}, TypeError, "causal"),
+]
+
+
+@pytest.mark.parametrize("make,kwargs,exc,match", BAD)
+def test_bad_input_is_rejected_before_any_launch(make, kwargs, exc, match, monkeypatch):
+    def no_launch(*args, **kw):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(attention_ops, "_launch", no_launch)
+    q, k, v = make()
+    with pytest.raises(exc, match=match):
+        gradkernels.attention(q, k, v, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The torch.nn.functional.scaled_dot_product_attention drop-in
+# ----------------------------------------------------------------------------------------------------
+
+SDPA_COVERED = [
+    # query shape, key shape, value shape, kwargs
+    ((2, 2, 37, 40), (2, 2, 53, 40), (2, 2, 53, 40), {}),
+    ((1, 2, 53, 64), (1, 2, 37, 64), (1, 2, 37, 64), {"is_causal": True}),  # top-left, Lq > Lk
+    ((1, 2, 37, 64), (1, 2, 53, 64), (1, 2, 53, 24), {"is_causal": True, "scale": 0.2}),
+    ((1, 4, 37, 40), (1, 2, 53, 40), (1, 2, 53, 40), {"enable_gqa": True, "is_causal": True}),
+    ((3, 37, 16), (3, 41, 16), (3, 41, 16), {}),  # 3-D: (N, L, E)
+    ((2, 1, 2, 17, 16), (2, 1, 2, 23, 16), (2, 1, 2, 23, 16), {"is_causal": True}),  # 5-D
+    ((17, 16), (23, 16), (23, 16), {}),  # 2-D
+]
+
+
+@pytest.mark.parametrize("qs,ks,vs,kwargs", SDPA_COVERED)
+def test_sdpa_runs_kernels_and_matches_torch(qs, ks, vs, kwargs, monkeypatch, caplog):
+    calls = []
+    forward = attention_ops.attention_forward
+    monkeypatch.setattr(attention_ops, "attention_forward", lambda *a, **kw: (calls.append(a[3]), forward(*a, **kw))[1])
+    q, k, v = (torch.randn(s, device=DEVICE).requires_grad_(True) for s in (qs, ks, vs))
+    grad_out = torch.randn(*qs[:-1], vs[-1], device=DEVICE)
+    with caplog.at_level(logging.DEBUG, logger="gradkernels"):
+        out = gradkernels.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert calls == [0 if kwargs.get("is_causal") else None], "the kernels did not run (or ran twice)"
+    assert not caplog.records
+    ours = (out, *_grads(out, (q, k, v), grad_out))
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qq, kk, vv, **kwargs)
+        results.append((o, *_grads(o, (qq, kk, vv), grad_out.to(dtype))))
+    ref, same = results
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        check_against(ours[i], same[i], ref[i], FACTOR_OUT if i == 0 else FACTOR_GRAD, name)
+
+
+SDPA_HANDED_OVER = [
+    ({"attn_mask": "bool"}, "attn_mask"),
+    ({"attn_mask": "float"}, "attn_mask"),
+    ({"dropout_p": 0.3}, "dropout_p"),
+    ({"kv_heads": 1}, "head counts"),  # broadcast heads without enable_gqa: torch's math path allows it
+]
+
+
+@pytest.mark.parametrize("kwargs,reason", SDPA_HANDED_OVER)
+def test_sdpa_hands_other_calls_to_torch(kwargs, reason, monkeypatch, caplog):
+    monkeypatch.setattr(attention_ops, "attention_forward",
+                        lambda *a, **kw: pytest.fail("the kernels ran on a call they do not cover"))
+    kwargs = dict(kwargs)
+    hkv = kwargs.pop("kv_heads", 2)
+    q, k, v = torch.randn(1, 2, 13, 16, device=DEVICE), torch.randn(1, hkv, 11, 16, device=DEVICE), \
+        torch.randn(1, hkv, 11, 16, device=DEVICE)
+    mask = kwargs.get("attn_mask")
+    if mask == "bool":
+        kwargs["attn_mask"] = torch.rand(13, 11, device=DEVICE) > 0.3
+    elif mask == "float":
+        kwargs["attn_mask"] = torch.randn(1, 2, 13, 11, device=DEVICE)
+    torch.manual_seed(1)
+    with caplog.at_level(logging.DEBUG, logger="gradkernels"):
+        ours = gradkernels.scaled_dot_product_attention(q, k, v, **kwargs)
+    torch.manual_seed(1)
+    theirs = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.equal(ours, theirs)
+    assert any(reason in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
+
+
+def test_sdpa_raises_what_torch_raises():
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    with pytest.raises(RuntimeError) as theirs:
+        F.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(type(theirs.value)):
+        gradkernels.scaled_dot_product_attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MultiHeadAttention
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_kv_heads,causal", [(None, False), (1, True)])
+def test_multi_head_attention_matches_composed_torch(num_kv_heads, causal):
+    embed, heads, b, length = 64, 4, 2, 37
+    mha = gradkernels.nn.MultiHeadAttention(embed, heads, num_kv_heads=num_kv_heads, causal=causal,
+                                            device=DEVICE)
+    x = torch.randn(b, length, embed, device=DEVICE, requires_grad=True)
+    grad = torch.randn(b, length, embed, device=DEVICE)
+    params = [x] + [p for p in mha.parameters()]
+    out = mha(x)
+    ours = (out, *torch.autograd.grad(out, params, grad))
+
+    def composed(dtype):
+        xx = x.detach().to(dtype).requires_grad_(True)
+        ps = {n: p.detach().to(dtype).requires_grad_(True) for n, p in mha.named_parameters()}
+        hd, hkv = embed // heads, num_kv_heads or heads
+
+        def proj(name, h):
+            y = F.linear(xx, ps[f"{name}.weight"], ps[f"{name}.bias"])
+            return y.view(b, length, h, hd).transpose(1, 2)
+
+        att = reference.naive_attention(proj("q_proj", heads), proj("k_proj", hkv), proj("v_proj", hkv), causal)
+        o = F.linear(att.transpose(1, 2).reshape(b, length, embed), ps["out_proj.weight"], ps["out_proj.bias"])
+        return (o, *torch.autograd.grad(o, [xx] + [ps[n] for n, _ in mha.named_parameters()], grad.to(dtype)))
+
+    ref, same = composed(torch.float64), composed(torch.float32)
+    names = ["out", "dx"] + [n for n, _ in mha.named_parameters()]
+    for i, name in enumerate(names):
+        check_against(ours[i], same[i], ref[i], FACTOR_OUT if i == 0 else FACTOR_GRAD, name)
+
+
+def test_multi_head_attention_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        gradkernels.nn.MultiHeadAttention(30, 4)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        gradkernels.nn.MultiHeadAttention(32, 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="embed_dim=32"):
+        gradkernels.nn.MultiHeadAttention(32, 4)(torch.randn(2, 5, 16, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config factories (the autotuner and the AOT report prune with these)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", [80, 86, 90])
+@pytest.mark.parametrize("dtype_bytes", [2, 4, 8])
+def test_every_head_dim_keeps_a_config(arch, dtype_bytes):
+    lists = {"fwd": KA.get_attn_fwd_configs(), **KA.get_attn_bwd_configs()}
+    for kernel, configs in lists.items():
+        for d in (16, 40, 64, 80, 128, 256):
+            if kernel != "fwd" and (d, dtype_bytes) == (256, 8) and arch not in (80, 90):
+                continue  # fp64 backward tiles of D = 256 exceed ~100 KB of shared memory: a documented limit
+            kept = [c for c in configs if KA.keep(c, d, dtype_bytes, arch, kernel=kernel)]
+            assert kept, f"no {kernel} config for D={d}, {dtype_bytes}-byte inputs, sm_{arch}"
+            for c in kept:
+                assert KA.attn_smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], KA.head_block(d),
+                                          KA.head_block(d), c.num_stages, dtype_bytes) <= KA.SMEM_LIMIT[arch]
+    # The known spiller (128x128 forward tile at D=128 on 8 warps) is pruned, its D=64 twin kept.
+    big = [c for c in KA.get_attn_fwd_configs() if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (128, 128, 8)]
+    assert big and not KA.keep(big[0], 128, 2, 90) and KA.keep(big[0], 64, 2, 90)
+
+
+def test_seqlen_bucket_shares_keys_within_a_power_of_two():
+    assert KA.seqlen_bucket(1) == KA.seqlen_bucket(16) == 16
+    assert KA.seqlen_bucket(1025) == KA.seqlen_bucket(2048) == 2048
+    assert KA.seqlen_bucket(2049) == 4096
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA only: bf16 (the interpreter cannot do bf16 arithmetic) and long sequences
+# ----------------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    (2, 8, 2, 1024, 1024, 64, 64, True, torch.bfloat16),
+    (1, 8, 8, 2048, 2048, 128, 128, True, torch.bfloat16),
+    (1, 4, 1, 1000, 3001, 128, 128, True, torch.bfloat16),
+    (1, 4, 4, 3001, 1000, 80, 80, True, torch.float16),  # empty rows at length
+    (2, 4, 4, 1024, 777, 96, 64, False, torch.bfloat16),
+    (1, 4, 2, 1537, 1537, 256, 256, True, torch.bfloat16),
+    (1, 4, 4, 1024, 1024, 64, 64, True, torch.float32),
+    (1, 2, 1, 513, 700, 40, 40, True, torch.float64),
+]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 and long sequences run on CUDA only (the interpreter is CPU-slow and has no bf16)")
+@pytest.mark.parametrize("b,hq,hkv,lq,lk,d,dv,causal,dtype", GPU_CASES)
+def test_attention_long_and_bf16_on_gpu(b, hq, hkv, lq, lk, d, dv, causal, dtype):
+    test_attention_matches_reference(b, hq, hkv, lq, lk, d, dv, causal, dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 runs on CUDA only (the interpreter has no bf16)")
+def test_sdpa_bf16_on_gpu():
+    q, k, v = (torch.randn(2, 8, 1024, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    same = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    check_against(gradkernels.scaled_dot_product_attention(q, k, v, is_causal=True), same, ref, FACTOR_OUT)
