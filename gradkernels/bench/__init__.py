@@ -134,6 +134,7 @@ def main(argv=None) -> int:
         env = dict(os.environ, TRITON_INTERPRET="1")
         return subprocess.call([sys.executable, "-m", "gradkernels.bench", *argv], env=env)
 
+    args.argv = argv
     return _run(args, parser)
 
 
@@ -176,16 +177,18 @@ def _run(args, parser) -> int:
     plan = []
     if "linear" in suites:
         provs = linear.REGISTRY.select(wanted)
-        plan.append(("check", "linear", linear.check_cases(dtype), linear.REGISTRY.providers))
+        plan.append(("check", "linear", linear.check_cases(dtype, env.on_gpu), linear.REGISTRY.providers))
         if env.on_gpu:
             cases = linear.timing_cases(dtype, args.quick, args.shapes, args.bias, args.activation)
             plan.append(("time", "linear", cases, provs))
     if "attention" in suites:
         provs = attention.REGISTRY.select(wanted)
-        plan.append(("check", "attention", attention.check_cases(dtype), attention.REGISTRY.providers))
+        cases = attention.timing_cases(dtype, args.quick, args.seqlens, args.head_dims, causal, args.batch,
+                                       args.heads)
+        head_dims = sorted({c.D for c in cases})
+        plan.append(("check", "attention", attention.check_cases(dtype, env.on_gpu, head_dims, causal),
+                     attention.REGISTRY.providers))
         if env.on_gpu:
-            cases = attention.timing_cases(dtype, args.quick, args.seqlens, args.head_dims, causal, args.batch,
-                                           args.heads)
             plan.append(("time", "attention", cases, provs))
     sweep = memory.saved_sweep(env.on_gpu, args.quick)
     lens = memory.peak_lens(args.quick, args.max_len)
@@ -224,7 +227,7 @@ def _run(args, parser) -> int:
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(text)
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        meta = {"argv": sys.argv[1:], "suite": args.suite, "quick": args.quick, "dtype": str(dtype),
+        meta = {"argv": args.argv, "suite": args.suite, "quick": args.quick, "dtype": str(dtype),
                 **{k: getattr(env, k) for k in ("device", "gpu", "torch", "triton", "date")}}
         json.dump(meta, f, indent=2)
     written = [os.path.join(out_dir, n) for n in ("results.csv", "table.txt", "meta.json")]

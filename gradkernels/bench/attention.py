@@ -138,9 +138,13 @@ def _naive_autograd(case: AttentionCase, inputs: dict) -> torch.Tensor:
 
 def timing_cases(dtype: torch.dtype, quick: bool = False, seqlens=None, head_dims=None, causal=(False, True),
                  batch: int | None = None, heads: int | None = None) -> list[AttentionCase]:
-    """D x L x causal sweep; B and H default to ``16k / L`` and ``2048 / D``."""
+    """D x L x causal sweep; B and H default to ``16k / L`` and ``2048 / D``.
+
+    ``quick`` keeps one head dim (128): every (D, causal) pair is a kernel variant that the autotuner
+    compiles and times config by config, which dominates a short run.
+    """
     seqlens = seqlens or ((1024, 4096) if quick else (1024, 2048, 4096, 8192, 16384))
-    head_dims = head_dims or (64, 128)
+    head_dims = head_dims or ((128,) if quick else (64, 128))
     cases = []
     for d in head_dims:
         for c in causal:
@@ -151,8 +155,15 @@ def timing_cases(dtype: torch.dtype, quick: bool = False, seqlens=None, head_dim
     return cases
 
 
-def check_cases(dtype: torch.dtype) -> list[AttentionCase]:
-    """Tiny odd shapes: a length that is no multiple of any tile, a head dim that is no power of two."""
+def check_cases(dtype: torch.dtype, on_gpu: bool = False, head_dims=None, causal=(False, True)) -> list[AttentionCase]:
+    """Small cases for the correctness check.
+
+    CPU: tiny odd shapes (a length no tile divides, a head dim that is no power of two), cheap under the
+    interpreter. GPU: the (D, causal) variants the timings use, at an odd length, so the check covers
+    exactly the kernels that are timed without compiling others (the test suite covers odd head dims).
+    """
+    if on_gpu:
+        return [AttentionCase("check", 2, 3, 257, d, c, dtype) for d in (head_dims or (128,)) for c in causal]
     return [
         AttentionCase("check", 1, 2, 37, 16, False, dtype),
         AttentionCase("check", 2, 1, 37, 40, True, dtype),

@@ -100,11 +100,15 @@ def _no_kernel_reason(t: torch.Tensor) -> str:
 
 def timing_cases(dtype: torch.dtype, quick: bool = False, shapes=None, bias: bool = False,
                  activation: str | None = None) -> list[LinearCase]:
-    """The timed cases: ``shapes`` (a list of (M, N, K)) when given, else the standard groups."""
+    """The timed cases: ``shapes`` (a list of (M, N, K)) when given, else the standard groups.
+
+    ``quick`` keeps one size per group (each new size is an autotuning run, each new activation a set
+    of compilations).
+    """
     if shapes:
         return [LinearCase("custom", m, n, k, bias, activation, dtype) for m, n, k in shapes]
     squares = (4096,) if quick else (4096, 8192)
-    small_m = (64, 256) if quick else (16, 64, 128, 256)
+    small_m = (128,) if quick else (16, 64, 128, 256)
     small_nk = (4096,) if quick else (4096, 8192)
     cases = [LinearCase("square", s, s, s, False, None, dtype) for s in squares]
     cases += [LinearCase("gelu", s, s, s, True, "gelu", dtype) for s in squares]
@@ -112,10 +116,18 @@ def timing_cases(dtype: torch.dtype, quick: bool = False, shapes=None, bias: boo
     return cases
 
 
-def check_cases(dtype: torch.dtype) -> list[LinearCase]:
-    """Tiny odd shapes: every tile partly masked under the interpreter's 32x32 tiles."""
+def check_cases(dtype: torch.dtype, on_gpu: bool = False) -> list[LinearCase]:
+    """Small cases for the correctness check.
+
+    CPU: tiny odd shapes, every tile partly masked under the interpreter's 32x32 tiles. GPU: sizes that
+    reuse the timed kernels' compilations (multiples of 16), with and without bias + GELU.
+    """
+    if on_gpu:
+        return [
+            LinearCase("check", 512, 1024, 1024, True, "gelu", dtype),
+            LinearCase("check", 512, 1024, 1024, False, None, dtype),
+        ]
     return [
         LinearCase("check", 37, 29, 45, True, "gelu", dtype),
         LinearCase("check", 5, 33, 40, False, None, dtype),
     ]
-
