@@ -15,6 +15,11 @@ rounding of the loss, growing linearly with the steps over which differences acc
 keeps the fp64 case meaningful, where torch's run is the reference itself.
 """
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -79,3 +84,17 @@ def test_training_losses_match_plain_pytorch(name, dtype, autocast_dtype, launch
             f"step {t}: |patched - fp64| = {abs(o - r):.3e} > {tol:.3e} "
             f"(torch {name} envelope {envelope:.3e}); losses patched {ours} reference {ref}"
         )
+
+
+def test_train_step_benchmark_smoke(tmp_path, monkeypatch):
+    """bench/train_step.py --smoke: every provider trains on the CPU; no timing is taken or written."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "train_step.json").read_text())["results"]
+    assert [r["provider"] for r in rows] == list(bench.PROVIDERS)
+    assert all(r["status"] == "ok" and r["tokens_per_s"] is None and r["peak_bytes"] is None for r in rows)
+    assert "gradkernels" in (tmp_path / "train_step.txt").read_text()
