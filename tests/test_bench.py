@@ -264,3 +264,41 @@ def test_cli_times_on_gpu(tmp_path):
     assert {("linear", "gradkernels"), ("linear", "torch"), ("attention", "gradkernels")} <= timed
     peaks = [r for r in rows if r["case"] == "peak" and r["provider"] == "gradkernels"]
     assert peaks and all(int(r["peak_bytes"]) > 0 for r in peaks)
+
+
+def test_peak_sweep_records_oom_and_goes_on_for_the_others(monkeypatch):
+    """The control flow of the peak sweep, with torch.cuda's memory counters stood in for on the CPU."""
+    calls = []
+    reg = harness.Registry("toy")
+    held = {"bytes": 0, "peak": 0}
+
+    def allocate(n):
+        held["peak"] = max(held["peak"], held["bytes"] + n)
+
+    @reg.register("tiled", baseline=True)
+    def _tiled(case, inputs):
+        allocate(case.L * 10)
+        return inputs["q"] * 2
+
+    @reg.register("quadratic")
+    def _quadratic(case, inputs):
+        calls.append(case.L)
+        if case.L >= 1024:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        allocate(case.L * case.L)
+        return inputs["q"] * 2
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: held.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: held["bytes"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: held["peak"])
+    monkeypatch.setattr(attn_suite.AttentionCase, "make_inputs",
+                        lambda self, device: {"q": torch.randn(2, 3, requires_grad=True)})
+    monkeypatch.setattr(attn_suite.AttentionCase, "make_grad_output", lambda self, device: torch.randn(2, 3))
+    rows = memory.run_peak("cpu", torch.float32, (512, 1024, 2048), bhd=(1, 1, 16), providers=reg.providers)
+    got = {(r.shape["Lq"], r.provider): (r.peak_bytes, r.status) for r in rows}
+    assert got[(512, "tiled")] == (5120, "ok") and got[(2048, "tiled")] == (20480, "ok")
+    assert got[(512, "quadratic")] == (512 * 512, "ok")
+    assert got[(1024, "quadratic")] == (None, "oom")
+    assert got[(2048, "quadratic")] == (None, "skipped: oom at L=1024")
+    assert calls == [512, 512, 1024]  # warm-up + measured run at 512, the failed one at 1024, none after

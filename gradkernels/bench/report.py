@@ -226,6 +226,7 @@ def _plot_tflops(plt, suite, rows, title, out_dir):
         if r.tflops:
             key, x = _panel_key(r)
             panels[key][_provider(r)].append((x, r.tflops))
+    colors = _colors(rows)
     keys = sorted(panels, key=lambda k: (("fwd", "bwd", "fwd+bwd").index(k[0]), k[1]))
     cols = len({k[1] for k in keys})
     nrows = len({k[0] for k in keys})
@@ -236,7 +237,7 @@ def _plot_tflops(plt, suite, rows, title, out_dir):
         ax = axes[row_of[key[0]]][col_of[key[1]]]
         for prov, pts in sorted(panels[key].items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov, color=colors[prov])
         ax.set_xscale("log", base=2)
         ax.set_title(f"{key[0]}  {key[1]}", fontsize=9)
         ax.set_xlabel("L" if suite == "attention" else "M")
@@ -251,19 +252,26 @@ def _plot_tflops(plt, suite, rows, title, out_dir):
     return path
 
 
+def _colors(rows):
+    """One colour per provider across every panel (a provider missing from a panel shifts nothing)."""
+    names = list(dict.fromkeys(_provider(r) for r in rows))
+    return {n: f"C{i % 10}" for i, n in enumerate(names)}
+
+
 def _plot_memory(plt, saved, peak, title, out_dir):
     from matplotlib.ticker import FuncFormatter
 
+    colors = _colors(list(saved) + list(peak))
     panels = [(saved, "saved for backward (bytes)", "saved_bytes"), (peak, "peak fwd+bwd (bytes)", "peak_bytes")]
     panels = [p for p in panels if p[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (rows, label, attr) in zip(axes[0], panels):
         by = defaultdict(list)
         for r in rows:
-            by[r.provider].append((r.shape["Lq"], getattr(r, attr)))
+            by[_provider(r)].append((r.shape["Lq"], getattr(r, attr)))
         for prov, pts in sorted(by.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov, color=colors[prov])
         r0 = rows[0]
         ax.set_title(f"{label}\nB={r0.shape['B']} H={r0.shape['H']} D={r0.shape['D']} {r0.dtype}", fontsize=9)
         ax.set_xscale("log", base=2)
