@@ -43,8 +43,8 @@ D, Dv <= 256 and not necessarily powers of two (masked loads over ``BLOCK_D`` = 
 >= max(D, 16)). Batch/head/row offsets are int64. LSE: (B, Hq, Lq), fp32 (fp64 for fp64 inputs).
 
 Limits: no dropout, no arbitrary attention mask, no sliding window, no fp8. The fp64 backward at
-D = 256 needs more than the ~100 KB of shared memory of sm_86/sm_89 parts (no config fits there). The dK/dV kernel's
-parallelism is B * Hkv * cdiv(Lk, BLOCK_N) programs, so MQA on very few heads and short keys may not
+D = 256 needs more than the ~100 KB of shared memory of sm_86/sm_89 parts (no config fits there).
+The dK/dV kernel's parallelism is B * Hkv * cdiv(Lk, BLOCK_N) programs, so MQA on very few heads and short keys may not
 fill a large GPU.
 """
 
@@ -378,10 +378,12 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (1.0 / l_safe)[:, None]
     O_blk = O + b * stride_ob + h * stride_oh + start_m * stride_om
-    store_tile(O_blk, out.to(O.dtype.element_ty), offs_m_local, offs_dv, stride_om, stride_od, LQ - start_m, HEAD_DV)
+    store_tile(O_blk, out.to(O.dtype.element_ty), offs_m_local, offs_dv, stride_om, stride_od,
+               LQ - start_m, HEAD_DV)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     LSE_blk = LSE + b * stride_lb + h * stride_lh + start_m * stride_lm
-    tl.store(LSE_blk + offs_m_local * stride_lm, lse.to(LSE.dtype.element_ty), mask=offs_m_local < LQ - start_m)
+    tl.store(LSE_blk + offs_m_local * stride_lm, lse.to(LSE.dtype.element_ty),
+             mask=offs_m_local < LQ - start_m)
 
 
 @triton.jit
@@ -640,5 +642,6 @@ def _attn_bwd_dq_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd,
         True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
-    store_tile(DQ + b * stride_dqb + h * stride_dqh + start_m * stride_dqm, (dq * sm_scale).to(DQ.dtype.element_ty),
-               offs_m_local, offs_d, stride_dqm, stride_dqd, rows, HEAD_D)
+    store_tile(DQ + b * stride_dqb + h * stride_dqh + start_m * stride_dqm,
+               (dq * sm_scale).to(DQ.dtype.element_ty), offs_m_local, offs_d, stride_dqm, stride_dqd,
+               rows, HEAD_D)

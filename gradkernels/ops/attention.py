@@ -107,12 +107,16 @@ def _pruner(kernel):
         q = args["Q"]
         arch = _arch(q.device) if q.is_cuda else 90
         head_d, head_dv = args["HEAD_D"], args["HEAD_DV"]
-        kept = [c for c in configs if K.keep(c, head_d, q.element_size(), arch, kernel=kernel, head_dim_v=head_dv)]
+        kept = [c for c in configs
+                if K.keep(c, head_d, q.element_size(), arch, kernel=kernel, head_dim_v=head_dv)]
         # Query tiles taller than the (bucketed) query length only compute padding: drop them.
         rows = "BLOCK_M" if kernel != "dkdv" else "BLOCK_N"
         length = args["LQ_BUCKET"] if kernel != "dkdv" else args["LK_BUCKET"]
         short = [c for c in kept if c.kwargs[rows] <= max(length, 16)]
         kept = short or kept
+        # Single-stage tiles are last resorts (D = 256 in fp32/fp64 on ~100 KB parts): not timed
+        # when a pipelined config fits.
+        kept = [c for c in kept if c.num_stages > 1] or kept
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
     return prune
@@ -130,7 +134,8 @@ def _autotuned(kernel):
         fn = K._attn_bwd_dkdv_kernel if kernel == "dkdv" else K._attn_bwd_dq_kernel
         configs = K.get_attn_bwd_configs()[kernel]
     keys = _KEYS + (["COMPUTE_DK", "COMPUTE_DV"] if kernel == "dkdv" else [])
-    return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": _pruner(kernel)})(fn)
+    prune = {"early_config_prune": _pruner(kernel)}
+    return triton.autotune(configs=configs, key=keys, prune_configs_by=prune)(fn)
 
 
 def _launch(kernel, fn, grid, args, flags, pinned):
