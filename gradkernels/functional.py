@@ -15,11 +15,16 @@ from .ops.linear import check_linear_args
 
 
 def _autocast(device_type, *tensors):
-    """Cast floating tensors to the autocast dtype when autocast is on for ``device_type``."""
+    """Cast floating tensors to the autocast dtype when autocast is on for ``device_type``.
+
+    As torch's own autocast: fp64 tensors are left alone (only fp32/fp16/bf16 are eligible).
+    """
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+    return tuple(
+        t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype) for t in tensors
+    )
 
 
 def linear(x, weight, bias=None, activation=None):
