@@ -32,12 +32,12 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")
 class TinyLMConfig:
     """Sizes of :class:`TinyLM`. The defaults are the model of the end-to-end test (issue 6)."""
 
-    vocab_size: int = 128
+    vocab_size: int = 64
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int = 2
-    d_ff: int = 128
+    d_ff: int = 64
     max_seq_len: int = 64
     bias: bool = True
     attn_impl: str = "sdpa"

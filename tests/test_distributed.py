@@ -104,7 +104,7 @@ def _worker(rank: int, store: str, out: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def distributed_grads(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     store, out = tmp / "store", tmp / "grads.pt"
@@ -142,19 +142,20 @@ def _reference_grads():
     return grads
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-def test_patched_model_gradients_match_single_process(distributed_grads, wrapper):
+def test_patched_model_gradients_match_single_process(distributed_grads):
+    """One test for both wrappers: the two worker processes are started once (about 10 s)."""
     from utils import check_against
 
     assert distributed_grads["backend"] in ("interpreter", "triton")
-    got = distributed_grads[wrapper]
-    if isinstance(got, str):
-        pytest.skip(got)
-    assert distributed_grads[f"{wrapper}_attention_launches"] == TinyLMConfig().n_layers
     torch_fp32, ref = _reference_grads()
-    assert set(got) == set(ref)
-    for name in ref:
-        check_against(got[name], torch_fp32[name], ref[name], 3, f"{wrapper} grad {name}")
+    for wrapper in ("ddp", "fsdp2"):
+        got = distributed_grads[wrapper]
+        if isinstance(got, str):  # FSDP2 missing from this torch: DDP was checked above
+            pytest.skip(f"DDP checked; FSDP2 not run: {got}")
+        assert distributed_grads[f"{wrapper}_attention_launches"] == TinyLMConfig().n_layers
+        assert set(got) == set(ref)
+        for name in ref:
+            check_against(got[name], torch_fp32[name], ref[name], 3, f"{wrapper} grad {name}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from gradkernels.testing import TinyLM, TinyLMConfig, make_batches, train_losses
 
 from utils import DEVICE, ON_GPU
 
-STEPS, BATCH, SEQ = 20, 2, 16
+STEPS, BATCH, SEQ = 20, 1, 23
 
 # (name, parameter dtype, autocast dtype): on CPU the kernels run under the interpreter (fp32, fp64);
 # bf16 arithmetic only on CUDA, as mixed precision (fp32 parameters, autocast).
