@@ -75,8 +75,13 @@ class PatchSummary:
     linear_skipped: tuple[tuple[str, str], ...] = ()
     attention_routed: bool = False
     hooked_modules: int = 0
+    undone: bool = False  # True for the summary unpatch returns
 
     def __str__(self) -> str:
+        if self.undone:
+            head = (f"gradkernels unpatch: {len(self.linear_replaced)} Linear restored, "
+                    f"attention routing {'removed' if self.attention_routed else 'was off'}")
+            return "\n".join([head] + [f"  restored {name or '<root>'}" for name in self.linear_replaced])
         lines = [f"gradkernels: {len(self.linear_replaced)} Linear replaced, {len(self.linear_skipped)} skipped, "
                  f"attention {'routed' if self.attention_routed else 'not routed'}"]
         lines += [f"  replaced {name or '<root>'}" for name in self.linear_replaced]
@@ -371,4 +376,4 @@ def unpatch(model: torch.nn.Module) -> PatchSummary:
         h.remove()
     if state.finalizer is not None:
         state.finalizer()  # runs _uninstall_router once, and never again at collection
-    return PatchSummary(tuple(restored), (), state.summary.attention_routed, len(state.hooks) // 2)
+    return PatchSummary(tuple(restored), (), state.summary.attention_routed, len(state.hooks) // 2, undone=True)

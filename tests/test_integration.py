@@ -116,7 +116,8 @@ def test_unpatch_restores_original_modules():
     model.lm_head.weight = new_weight  # reassigned while patched: the original must get it
     summary = unpatch(model)
 
-    assert sorted(summary.linear_replaced) == LINEAR_NAMES
+    assert sorted(summary.linear_replaced) == LINEAR_NAMES and summary.undone
+    assert "13 Linear restored" in str(summary)
     for n in LINEAR_NAMES:
         assert model.get_submodule(n) is originals[n], n
         assert type(originals[n]) is nn.Linear and not originals[n].training
