@@ -188,7 +188,8 @@ def run_smoke(providers):
     tol = 16 * torch.finfo(torch.float32).eps * max(abs(x) for x in losses)
     for r in results:
         if not math.isfinite(r.loss) or abs(r.loss - losses[0]) > tol:
-            r.status = f"failed: loss {r.loss!r} differs from {results[0].provider}'s {losses[0]!r} by more than {tol:.1e}"
+            r.status = (f"failed: loss {r.loss!r} differs from {results[0].provider}'s {losses[0]!r} "
+                        f"by more than {tol:.1e}")
     return results
 
 

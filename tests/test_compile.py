@@ -30,7 +30,9 @@ def test_opcheck_linear_fwd(activation, with_bias, store_pre):
     torch.library.opcheck(custom_ops.linear_fwd, (x, w, b, activation, store_pre))
 
 
-@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize(
+    "needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
+)
 def test_opcheck_linear_bwd(needs):
     need_dx, need_dw, need_db = needs
     g = torch.randn(37, 23, device=DEVICE, dtype=torch.float64)

@@ -43,7 +43,8 @@ if ON_GPU:
 @pytest.fixture
 def launches(monkeypatch):
     counts = {"linear": 0, "attention": 0}
-    for module, name, key in ((linear_ops, "linear_forward", "linear"), (attention_ops, "attention_forward", "attention")):
+    targets = ((linear_ops, "linear_forward", "linear"), (attention_ops, "attention_forward", "attention"))
+    for module, name, key in targets:
         fn = getattr(module, name)
 
         def counting(*args, _fn=fn, _key=key, **kwargs):

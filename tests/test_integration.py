@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gradkernels
 from gradkernels import patching
 from gradkernels import reference
 from gradkernels.ops import attention as attention_ops

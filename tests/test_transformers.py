@@ -15,7 +15,9 @@ from gradkernels.ops import attention as attention_ops
 
 from utils import DEVICE, check_against
 
-transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (gradkernels[transformers])")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is an optional extra (gradkernels[transformers])"
+)
 import gradkernels.integrations.transformers as gk_hf  # noqa: E402  (registers "gradkernels")
 
 N_LAYERS = 2
