@@ -62,7 +62,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     attention_ops.attention_forward = counting
 
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD)
     inputs, targets = _batch(device)
@@ -106,6 +106,10 @@ def _worker(rank: int, store: str, out: str) -> None:
 
 @pytest.fixture
 def distributed_grads(tmp_path_factory):
+    if torch.cuda.is_available() and torch.cuda.device_count() < WORLD:
+        # NCCL refuses two ranks on one GPU, and Triton's interpreter (the CPU path) is not usable on the
+        # GPU machines' triton/numpy pair; the CPU + gloo run of this test is the one CI does.
+        pytest.skip(f"needs {WORLD} GPUs on a CUDA machine (one NCCL rank per GPU); runs on CPU with gloo")
     tmp = tmp_path_factory.mktemp("dist")
     store, out = tmp / "store", tmp / "grads.pt"
     env = dict(os.environ)
