@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	else \
 		$(VPY) -m pip install -q $(CPU_PINS); \
 	fi
-	$(VPY) -m pip install -q -e '.[test,bench]'
+	$(VPY) -m pip install -q -e '.[test,bench,transformers]'
 	touch $@
 
 # The default suite: kernels under Triton's interpreter when no GPU is present.

@@ -8,9 +8,22 @@ import logging
 from . import nn, reference
 from ._device import backend_for
 from .functional import attention, linear, scaled_dot_product_attention
+from .patching import PatchSummary, patch, unpatch, use_kernels
 
 __version__ = "0.1.0"
 
 logger = logging.getLogger("gradkernels")
 
-__all__ = ["attention", "backend_for", "linear", "logger", "nn", "reference", "scaled_dot_product_attention"]
+__all__ = [
+    "PatchSummary",
+    "attention",
+    "backend_for",
+    "linear",
+    "logger",
+    "nn",
+    "patch",
+    "reference",
+    "scaled_dot_product_attention",
+    "unpatch",
+    "use_kernels",
+]

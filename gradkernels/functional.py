@@ -7,11 +7,20 @@ import numbers
 
 import torch
 
-from . import reference
+from . import custom_ops, reference
 from ._device import backend_for
 from .autograd import AttentionFunction, LinearFunction
 from .ops import attention as attention_ops
 from .ops.linear import check_linear_args
+
+
+def _linear_apply(*args):
+    # torch.compile cannot trace a Triton launch: while compiling, the same launchers run as custom ops.
+    return custom_ops.linear(*args) if torch.compiler.is_compiling() else LinearFunction.apply(*args)
+
+
+def _attention_apply(*args):
+    return custom_ops.attention(*args) if torch.compiler.is_compiling() else AttentionFunction.apply(*args)
 
 
 def _autocast(device_type, *tensors):
@@ -50,7 +59,7 @@ def linear(x, weight, bias=None, activation=None):
     check_linear_args(x, weight, bias, activation)
     if backend_for(x) == "torch":
         return reference.linear(x, weight, bias, activation)
-    return LinearFunction.apply(x, weight, bias, activation)
+    return _linear_apply(x, weight, bias, activation)
 
 
 _log = logging.getLogger("gradkernels")
@@ -97,7 +106,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
         lse = lse.detach().to(attention_ops.lse_dtype(q.dtype))
     else:
         offset = k.shape[2] - q.shape[2] if causal else None
-        out, lse = AttentionFunction.apply(q, k, v, offset, scale)
+        out, lse = _attention_apply(q, k, v, offset, scale)
     return (out, lse) if return_lse else out
 
 
@@ -182,7 +191,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         (lambda t: t.unsqueeze(0)) if q.dim() == 3 else (lambda t: t[None, None]))
     q4, k4, v4 = to4(q), to4(k), to4(v)
     scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)
-    out, _ = AttentionFunction.apply(q4, k4, v4, 0 if is_causal else None, scale)
+    out, _ = _attention_apply(q4, k4, v4, 0 if is_causal else None, scale)
     if q.dim() >= 4:
         return out.reshape(*lead, *out.shape[1:])
     return out[0] if q.dim() == 3 else out[0, 0]
