@@ -81,16 +81,9 @@ def linear_bwd(
 
     ``x`` is only read for dW and ``weight`` only for dX: either may be None when not needed.
     """
-    pre = _or_none(pre)
-    if need_db and not need_dw and activation is not None and pre is not None:
-        # ops.linear_backward computes this case (trainable bias, frozen weight) with torch.autograd,
-        # which cannot run inside a custom op (autograd is excluded below the dispatcher here). The dW
-        # product against a column of ones gives the same row sums of dY * act'(pre), in the kernel.
-        ones = grad.new_ones((grad.shape[0], 1))
-        _, _, db = linear_ops.linear_backward(grad, ones, None, pre, activation, False, True, True)
-        dx, dw, _ = linear_ops.linear_backward(grad, None, weight, pre, activation, need_dx, False, False)
-    else:
-        dx, dw, db = linear_ops.linear_backward(grad, x, weight, pre, activation, need_dx, need_dw, need_db)
+    dx, dw, db = linear_ops.linear_backward(
+        grad, x, weight, _or_none(pre), activation, need_dx, need_dw, need_db
+    )
     return tuple(_empty(grad) if t is None else t for t in (dx, dw, db))
 
 

@@ -194,16 +194,12 @@ def linear_backward(grad2, x2, weight, pre, activation, need_dx, need_dw, need_d
         matmul(grad2.t(), x2, out=dw, pre_in=None if pre is None else pre.t(), prologue_act=act,
                row_sum=db, split=dw_split, role="dw")
     elif need_db:
-        # Bias trainable with a frozen weight (rare): a plain reduction, no matmul needed.
-        g = grad2 if act is None else _activation_vjp(pre, grad2, act)
-        db = g.sum(0, dtype=_acc_dtype(g.dtype)).to(grad2.dtype)
+        # Bias trainable with a frozen weight: the dW launch against a column of ones is a one-pass
+        # row reduction of dY' = dY * act'(pre) that still applies act' while loading.
+        ones = grad2.new_ones((m, 1))
+        db = torch.empty((n,), device=grad2.device, dtype=grad2.dtype)
+        scratch = torch.empty((n, 1), device=grad2.device, dtype=grad2.dtype)
+        dw_split = K.choose_split(n, 1, m, _device.num_sms()) if split is None else split
+        matmul(grad2.t(), ones, out=scratch, pre_in=None if pre is None else pre.t(), prologue_act=act,
+               row_sum=db, split=dw_split, role="dw")
     return dx, dw, db
-
-
-def _activation_vjp(pre, grad, activation):
-    from ..reference import activation_fn
-
-    with torch.enable_grad():
-        p = pre.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(activation_fn(p, activation), p, grad)
-    return g
