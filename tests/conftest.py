@@ -16,6 +16,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI runs a fixed sequence of examples (reproducible verdicts); locally hypothesis explores freely.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
