@@ -34,7 +34,7 @@ from ._common import activation_grad, apply_activation, load_tile, store_tile
 # Config factories
 # ----------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, maxnreg])
 _MATMUL_TILES = [
     (128, 256, 64, 8, 8, 3),
     (256, 128, 64, 8, 8, 3),
@@ -45,6 +45,11 @@ _MATMUL_TILES = [
     (64, 64, 64, 8, 4, 4),
     (64, 64, 32, 8, 4, 3),
     (32, 64, 32, 8, 4, 3),
+    # Last: the launchers' fallback when keep() rejects every tile (fp64 with a fused activation
+    # derivative, whose erf alone takes most of the registers): 16 rows, the least tl.dot takes.
+    # maxnreg=255: without it ptxas caps registers to fit more blocks per SM and spills a few bytes
+    # (fp64 dW with gelu on sm_90: 168 registers + 16 B of stack); with it, at most 232 and no spill.
+    (16, 32, 16, 8, 4, 3, 255),
 ]
 
 # Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config.
@@ -64,26 +69,77 @@ def matmul_smem_bytes(block_m, block_n, block_k, num_stages, dtype_bytes):
     return (block_m * block_k + block_k * block_n) * dtype_bytes * num_stages
 
 
-def keep(config, dtype_bytes, arch=90):
-    """Whether a matmul config fits the architecture for operands of ``dtype_bytes`` bytes.
+def keep(config, dtype_bytes, arch=90, flags=None):
+    """Whether a matmul config suits a launch on ``arch`` with operands of ``dtype_bytes`` bytes.
 
-    The rule the autotune lists are pruned by (and that ``gradkernels.aot`` checks): pipeline buffers
-    must fit shared memory, and 8-byte (fp64) operands keep the accumulator small enough not to spill.
+    The rule the autotune lists are pruned by, calibrated and checked with the AOT compile report
+    (``python -m gradkernels.aot --kernel linear --include-pruned``: every config this keeps must
+    compile for sm_80 and sm_90 without spills, within shared memory, on tensor cores):
+
+    - the pipeline buffers fit shared memory (``SMEM_LIMIT``);
+    - on sm_90, tensor-core tiles have 64 rows per warp group (wgmma; smaller tiles fall back to
+      mma.sync);
+    - the tiles a program keeps in registers fit a per-thread budget. Estimated in 32-bit words per
+      thread: the accumulator; the operand fragments where they live in registers (twice, on the FMA
+      path of fp64 / fp32 "ieee"; (A + B) x bytes / 8 through sm_80's mma.sync; wgmma reads them
+      from shared memory); what a fused activation keeps live: its derivative in the prologue about
+      four A tiles besides one accumulator, an epilogue activation one accumulator, the bias-gradient
+      row sums of dW half of one. The budgets per architecture and path are calibrated on the AOT
+      report: they are the largest that keep no spilling config for any launch it compiles. They are
+      not register counts; on sm_80 they are low for 4-byte operands because its ptxas trades a few
+      spilled bytes for occupancy whenever the block size is known (see bench/GPU.md).
+
+    Args:
+        config: a ``triton.Config`` from :func:`get_linear_configs`.
+        dtype_bytes: element size of the operands (2, 4 or 8).
+        arch: compute capability as an int (80, 86, 89, 90).
+        flags: the launch's constexpr flags as the autotuner hands them to its prune (``PROLOGUE_ACT``,
+            ``EPILOGUE_ACT``, ``ROW_SUM``, ``INPUT_PRECISION``). None when unknown: then the config must
+            suit every kind of launch (forward with an activation, dW with one and the bias gradient).
+
+    Returns:
+        True if the autotuner may try the config.
     """
+    if flags is None:
+        precisions = ("tf32", "ieee") if dtype_bytes == 4 else ("ieee",)
+        return all(keep(config, dtype_bytes, arch, dict(kind, INPUT_PRECISION=p))
+                   for p in precisions
+                   for kind in ({"EPILOGUE_ACT": "gelu"}, {"PROLOGUE_ACT": "gelu", "ROW_SUM": True}))
     kw = config.kwargs
-    smem = matmul_smem_bytes(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_stages, dtype_bytes)
-    if smem > SMEM_LIMIT.get(arch, SMEM_LIMIT[80]):
+    bm, bn, bk, warps = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps
+    if matmul_smem_bytes(bm, bn, bk, config.num_stages, dtype_bytes) > SMEM_LIMIT.get(arch, SMEM_LIMIT[80]):
         return False
-    # Accumulator registers per thread: BLOCK_M*BLOCK_N fp32 (fp64: twice) over 32*num_warps threads.
-    acc_regs = kw["BLOCK_M"] * kw["BLOCK_N"] * (2 if dtype_bytes == 8 else 1) // (32 * config.num_warps)
-    return acc_regs <= 128
+    fma = dtype_bytes == 8 or (dtype_bytes == 4 and flags.get("INPUT_PRECISION") != "tf32")
+    if arch >= 90 and not fma and bm < 16 * warps:
+        return False
+    threads = 32 * warps
+    wide = 2 if dtype_bytes == 8 else 1  # fp64 values take two registers
+    acc = bm * bn * wide / threads
+    a_tile = bm * bk * wide / threads
+    b_tile = bk * bn * wide / threads
+    words = acc
+    if fma:
+        words += 2 * (a_tile + b_tile)
+    elif arch < 90:
+        words += (a_tile + b_tile) * dtype_bytes / 8
+    if flags.get("EPILOGUE_ACT") is not None:
+        words += acc
+    if flags.get("PROLOGUE_ACT") is not None:
+        words += acc + 4 * a_tile
+    if flags.get("ROW_SUM"):
+        words += acc / 2
+    path = ("fma64" if dtype_bytes == 8 else "fma32") if fma else ("tc16" if dtype_bytes == 2 else "tc32")
+    budget = {80: {"tc16": 160, "tc32": 48, "fma32": 96, "fma64": 160},
+              90: {"tc16": 192, "tc32": 192, "fma32": 208, "fma64": 160}}[90 if arch >= 90 else 80]
+    return words <= budget[path]
 
 
 def get_linear_configs():
     """Every config the matmul autotuner may try (before pruning by :func:`keep`)."""
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
-        for bm, bn, bk, g, w, s in _MATMUL_TILES
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s,
+                      maxnreg=maxnreg[0] if maxnreg else None)
+        for bm, bn, bk, g, w, s, *maxnreg in _MATMUL_TILES
     ]
 
 
