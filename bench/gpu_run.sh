@@ -61,7 +61,7 @@ cd "$ROOT" || exit 2
 # Steps: a time cap each (seconds) and a function. Caps add up to more than the budget on purpose: a
 # step that finishes early leaves its time to the later ones; the overall deadline bounds the run.
 STEP_NAMES=(env install tests bench aot aot_real tests_slow)
-declare -A CAP=([env]=30 [install]=120 [tests]=240 [bench]=150 [aot]=90 [aot_real]=90 [tests_slow]=150)
+declare -A CAP=([env]=30 [install]=120 [tests]=240 [bench]=150 [aot]=90 [aot_real]=120 [tests_slow]=150)
 
 step_env() {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -87,7 +87,9 @@ step_aot() {
     "$PY" -m gradkernels.aot --arch native --failures-only --json "$OUT/aot.json" "${picks[@]}"
 }
 step_aot_real() {
-    "$PY" -m gradkernels.aot --arch native --case fwd,dw-gelu-split --dtype bf16,fp32-tf32 --compare-real
+    "$PY" -m gradkernels.aot --arch native --kernel linear --case fwd-gelu,dw-gelu-split \
+        --dtype bf16,fp32-tf32 --compare-real &&
+    "$PY" -m gradkernels.aot --arch native --kernel attn --case attn-fwd-d128-causal --dtype bf16 --compare-real
 }
 step_tests_slow() {
     "$PY" -m pytest -n "$WORKERS" -q -m slow -p no:cacheprovider --junitxml="$OUT/tests_slow.xml" tests

@@ -247,10 +247,10 @@ def _attention_cases_impl() -> list[Case]:
     from .kernels import attention as K
     from .ops import attention as ops
 
-    bwd = K.get_attn_bwd_configs
+    bwd_configs = K.get_attn_bwd_configs
     tuned = {"_attn_fwd_kernel": Tuned(K.get_attn_fwd_configs, launcher_prune(ops._pruner("fwd"))),
-             "_attn_bwd_dkdv_kernel": Tuned(lambda: bwd()["dkdv"], launcher_prune(ops._pruner("dkdv"))),
-             "_attn_bwd_dq_kernel": Tuned(lambda: bwd()["dq"], launcher_prune(ops._pruner("dq")))}
+             "_attn_bwd_dkdv_kernel": Tuned(lambda: bwd_configs()["dkdv"], launcher_prune(ops._pruner("dkdv"))),
+             "_attn_bwd_dq_kernel": Tuned(lambda: bwd_configs()["dq"], launcher_prune(ops._pruner("dq")))}
 
     # Launched with PREPROCESS_CONFIG on a GPU (the recorded, pinned-mode launch uses the interpreter's).
     fixed = {"_attn_bwd_preprocess_kernel":

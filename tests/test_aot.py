@@ -106,6 +106,31 @@ def test_pruned_configs_are_the_launchers_prune_for_each_arch(dtype, nbytes):
         assert picked[80] != picked[90], "shared memory and wgmma rules differ between sm_80 and sm_90"
 
 
+def test_attention_launches_follow_the_launcher():
+    """Forward and backward attention launches: types from the tensors and the kernels' annotations,
+    lengths not specialised (do_not_specialize), head dims and flags from the launcher, the preprocess
+    kernel with the tiles a GPU launch uses, and the launcher's own prune per architecture."""
+    from gradkernels.kernels import attention as KA
+
+    rows = aot.build_rows([80, 90], kernels=["attn"], dtypes=["bf16"], cases=["attn-bwd-d80-full"])
+    kernels = {r.kernel for r in rows}
+    assert kernels == {"_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+    dq = next(r.job for r in rows if r.kernel == "_attn_bwd_dq_kernel" and r.job is not None)
+    sig, consts = dict(dq.signature), dict(dq.constexprs)
+    assert sig["Q"] == "*bf16" and sig["LSE"] == "*fp32" and sig["SM_SCALE"] == "fp64"
+    assert sig["LQ"] == "i32" and "LQ" not in dq.aligned, "do_not_specialize: no divisibility on lengths"
+    assert consts["HEAD_D"] == 80 and consts["BLOCK_D"] == 128 and consts["IS_CAUSAL"] is False
+    pre = next(r for r in rows if r.kernel == "_attn_bwd_preprocess_kernel")
+    assert dict(pre.job.constexprs)["BLOCK_M"] == KA.PREPROCESS_CONFIG["BLOCK_M"]
+    assert dict(pre.job.options)["num_warps"] == KA.PREPROCESS_WARPS
+    for arch in (80, 90):
+        fwd = [r for r in aot.build_rows([arch], kernels=["attn"], dtypes=["fp16"], cases=["attn-fwd-d128-causal"])]
+        kept = {r.config for r in fwd if not r.pruned}
+        expect = {aot.config_label(c) for c in KA.get_attn_fwd_configs()
+                  if KA.keep(c, 128, 2, arch, kernel="fwd") and c.num_stages > 1}
+        assert kept and kept <= expect, (arch, kept, expect)
+
+
 def test_build_rows_rejects_unknown_arch_and_dtype():
     with pytest.raises(ValueError, match="arch must be one of"):
         aot.build_rows([75])
