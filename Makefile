@@ -21,9 +21,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(VPY) -m pip install -q -e '.[test,bench,transformers]'
 	touch $@
 
-# The default suite: kernels under Triton's interpreter when no GPU is present.
+# The default suite: kernels under Triton's interpreter when no GPU is present, then the AOT compile
+# report of the linear kernels for sm_80/sm_90 (about a minute; attention is not clean yet: bench/GPU.md).
 test: $(VENV)/.installed
 	$(VPY) -m pytest -n 2 -q -m "not slow" $(PYTEST_ARGS)
+	$(VPY) -m gradkernels.aot --kernel linear --failures-only
 
 # Everything, slow tests (full AOT report, torch.compile) included.
 test-all: $(VENV)/.installed

@@ -286,7 +286,7 @@ def _attn_fwd_inner(
         # Unmasked blocks bound the rows by the constexpr BLOCK_N: the row mask folds away.
         rows = LK - start_n if MASKED else BLOCK_N
         k = load_tile(k_blk, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=acc.dtype) * qk_scale
         if MASKED:
             visible = _visible(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
             s = tl.where(visible, s, float("-inf"))
@@ -302,7 +302,7 @@ def _attn_fwd_inner(
         v = load_tile(v_blk, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
         acc = acc * alpha[:, None]
         # P rounded to the input dtype for the tensor-core matmul (fp32/fp64: no rounding).
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -524,18 +524,18 @@ def _attn_bwd_dkdv_kernel(
         lse2, delta = _load_row_stats(LSE_b + g * stride_lh + start_m * stride_lm,
                                       DELTA_b + g * stride_deh + start_m * stride_dem,
                                       offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if IS_CAUSAL:
             # Key start_n + c is visible to query start_m + r iff c - r <= shift (int32, see _visible).
             shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
             p_t = tl.where(offs_n[:, None] - offs_m[None, :] <= shift, p_t, 0.0)
         if COMPUTE_DV:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if COMPUTE_DK:
-            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     if COMPUTE_DK:
         store_tile(DK + b * stride_dkb + kvh * stride_dkh + start_n * stride_dkn,
@@ -564,15 +564,15 @@ def _attn_bwd_dq_inner(
         rows = LK - start_n if MASKED else BLOCK_N
         k = load_tile(K_bh + start_n * stride_kn, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
         v = load_tile(V_bh + start_n * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=dq.dtype) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             # Keys past LK are masked too: their zero K gives s = 0 and exp2(-lse) can overflow.
             visible = _visible(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
             p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=dq.dtype)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION, out_dtype=dq.dtype)
     return dq
 
 

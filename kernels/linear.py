@@ -242,7 +242,7 @@ def _linear_kernel(
         if ROW_SUM:
             row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
         b = load_tile(B + k * stride_bk, offs_k, offs_n, stride_bk, stride_bn, k_hi - k, N)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     if SPLIT_K == 1:
         _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,

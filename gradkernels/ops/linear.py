@@ -66,7 +66,7 @@ def _arch(device):
 def _prune(configs, named_args, **kwargs):
     a = named_args["A"]
     arch = _arch(a.device) if a.is_cuda else 90
-    kept = [c for c in configs if K.keep(c, a.element_size(), arch)]
+    kept = [c for c in configs if K.keep(c, a.element_size(), arch, flags=kwargs)]
     return kept or configs[-1:]
 
 
