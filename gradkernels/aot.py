@@ -181,8 +181,9 @@ class Case:
     ops_modules: tuple  # modules whose kernel references are swapped for the recorder
     tuned: Mapping[str, Tuned]  # kernel name -> how its tiles are chosen; other kernels keep the launch's
     # Kernels with fixed tiles whose pinned-mode launch (the one recorded) uses other tiles than a GPU
-    # launch does: kernel name -> the triton.Config a GPU launch uses.
-    fixed: Mapping[str, Callable[[], Any]] = dataclasses.field(default_factory=dict)
+    # launch does: kernel name -> a function of the launch's recorded arguments (parameter name ->
+    # value, tensors as TensorArg) giving the triton.Config a GPU launch uses.
+    fixed: Mapping[str, Callable[[dict], Any]] = dataclasses.field(default_factory=dict)
     dtypes: tuple = tuple(DTYPES)
 
 
@@ -254,9 +255,12 @@ def _attention_cases_impl() -> list[Case]:
              "_attn_bwd_dkdv_kernel": Tuned(lambda: bwd_configs()["dkdv"], launcher_prune(ops._pruner("dkdv"))),
              "_attn_bwd_dq_kernel": Tuned(lambda: bwd_configs()["dq"], launcher_prune(ops._pruner("dq")))}
 
-    # Launched with PREPROCESS_CONFIG on a GPU (the recorded, pinned-mode launch uses the interpreter's).
-    fixed = {"_attn_bwd_preprocess_kernel":
-             lambda: triton.Config(dict(K.PREPROCESS_CONFIG), num_warps=K.PREPROCESS_WARPS)}
+    # Launched with preprocess_config() on a GPU (the recorded, pinned-mode launch uses the interpreter's).
+    def preprocess(args):
+        dtype_bytes = torch.empty(0, dtype=_TORCH_DTYPES[args["O"].dtype]).element_size()
+        return triton.Config(K.preprocess_config(args["HEAD_DV"], dtype_bytes), num_warps=K.PREPROCESS_WARPS)
+
+    fixed = {"_attn_bwd_preprocess_kernel": preprocess}
     # GQA (8 query heads on 2 kv heads), 1024 positions: sizes only decide the specialisation.
     b, hq, hkv, length = 2, 8, 2, 1024
 
@@ -626,14 +630,19 @@ def build_rows(archs: Sequence[int] = DEFAULT_ARCHS, kernels: Sequence[str] | No
 
 
 def _rows_for_launch(case, dname, dt, launch, tuned, arch, include_pruned, config_filter, maxnreg=None):
+    # fp32 launches that a launcher runs in full precision (INPUT_PRECISION="ieee", e.g. the attention
+    # backward above D = 128) use FMAs: held to the tensor-core rule only where they run tf32.
+    needs_tc = dt.needs_tensor_cores and not (dt.torch_dtype == torch.float32
+                                              and launch.args.get("INPUT_PRECISION") == "ieee")
+
     def row(config, pruned, job):
         return Row(arch, case.family, case.name, dname, launch.kernel,
-                   config_label(config, launch.options), pruned, job, dt.needs_tensor_cores)
+                   config_label(config, launch.options), pruned, job, needs_tc)
 
 
     if tuned is None:  # launched with its own fixed tiles
         fixed = case.fixed.get(launch.kernel)
-        config = fixed() if fixed is not None else None
+        config = fixed(launch.args) if fixed is not None else None
         return [row(config, False, make_job(launch, arch, config))]
     configs = tuned.configs()
     kept_ids = {id(c) for c in tuned.prune(configs, launch, arch)}
@@ -879,6 +888,81 @@ def rows_to_json(rows: Sequence[Row]) -> list[dict]:
              "options": dict(r.job.options) if r.job else None} for r in rows]
 
 
+# ----------------------------------------------------------------------------------------------------
+# The attention tile table (kernels/attention_tiles.py), written from --include-pruned reports
+# ----------------------------------------------------------------------------------------------------
+
+_PATHS = {"fp16": "tc16", "bf16": "tc16", "fp32-tf32": "tc32", "fp32-ieee": "fma32", "fp64": "fma64"}
+_ATTN_VARIANT = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
+
+
+def attention_tile_table(rows: Sequence[dict]) -> dict:
+    """``{arch: {variant: {path: {block_d: sorted tiles}}}}`` of the attention configs that compiled clean.
+
+    ``rows`` are report rows as JSON (``--json``; several reports may be concatenated). A tile is listed
+    for (arch, kernel variant, matmul path, head-dim block) when every compiled row of it there passed
+    (fp16 and bf16 share the "tc16" path; D = 80 and 128 share the 128 block) and is left out when any
+    failed. Variants: "fwd", "dq", "dkdv" (both accumulators), "dkdv_dk" / "dkdv_dv" (one, see
+    ``kernels.attention.split_dkdv``). A tile is ``(BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg)``.
+    """
+    verdict: dict = {}
+    for r in rows:
+        variant = _ATTN_VARIANT.get(r["kernel"])
+        if variant is None or r.get("result") is None or r.get("constexprs") is None:
+            continue
+        c, o = r["constexprs"], r["options"]
+        if variant == "dkdv" and not (c.get("COMPUTE_DK", True) and c.get("COMPUTE_DV", True)):
+            variant = "dkdv_dk" if c.get("COMPUTE_DK", True) else "dkdv_dv"
+        arch = 90 if r["arch"] >= 90 else 80
+        path = _PATHS[r["dtype"]]
+        if path == "tc32" and c.get("INPUT_PRECISION") == "ieee":  # run in full precision by the launcher
+            path = "fma32"
+        block_d = max(64, c["BLOCK_D"], c["BLOCK_DV"])
+        tile = (c["BLOCK_M"], c["BLOCK_N"], o["num_warps"], o["num_stages"], o.get("maxnreg"))
+        key = (arch, variant, path, block_d, tile)
+        # An FMA path never needs tensor cores (reports written before the launch's precision was judged).
+        failures = [f for f in r["failures"] if not (path.startswith("fma") and "tensor cores" in f)]
+        verdict[key] = verdict.get(key, True) and not failures
+    table: dict = {}
+    for (arch, variant, path, block_d, tile), clean in sorted(verdict.items(), key=lambda kv: repr(kv[0])):
+        bucket = table.setdefault(arch, {}).setdefault(variant, {}).setdefault(path, {}).setdefault(block_d, [])
+        if clean:
+            bucket.append(tile)
+    return table
+
+
+def write_attention_tiles(table: dict, path: str, source: str) -> None:
+    """Write ``table`` as the module kernels/attention_tiles.py (``CLEAN_TILES``)."""
+    lines = ['"""Attention tiles that compiled clean in the AOT report: generated, do not edit by hand.',
+             "",
+             f"Source: {source}.",
+             "Regenerate after a kernel change or a Triton upgrade (see bench/GPU.md):",
+             "    python -m gradkernels.aot --kernel attention --include-pruned --json report.json",
+             "    python -m gradkernels.aot --tiles-from report.json --write-tiles kernels/attention_tiles.py",
+             "",
+             "CLEAN_TILES[arch][variant][path][block_d]: (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) tuples",
+             "that compiled without spills, within shared memory and (16-bit and tf32 paths) with the",
+             "architecture's tensor-core instructions for every launch of the report with that key.",
+             '"""',
+             "",
+             "CLEAN_TILES = {"]
+    for arch in sorted(table):
+        lines.append(f"    {arch}: {{")
+        for variant in sorted(table[arch]):
+            lines.append(f"        {variant!r}: {{")
+            for p in sorted(table[arch][variant]):
+                lines.append(f"            {p!r}: {{")
+                for block_d in sorted(table[arch][variant][p]):
+                    tiles = ", ".join(repr(tuple(t)) for t in sorted(table[arch][variant][p][block_d], key=repr))
+                    lines.append(f"                {block_d}: ({tiles}{',' if len(tiles) and tiles.count('(') == 1 else ''}),")
+                lines.append("            },")
+            lines.append("        },")
+        lines.append("    },")
+    lines.append("}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def versions() -> str:
     import triton
 
@@ -956,15 +1040,18 @@ def compare_real(rows: Sequence[Row]) -> list[tuple[Row, dict, str]]:
         config = None
         if tuned is not None:
             config = next(c for c in tuned.configs() if config_label(c) == r.config)
-        elif r.kernel in case.fixed:
-            config = case.fixed[r.kernel]()
         seen = []
 
         def handler(kernel, grid, args, kwargs, config=config, r=r, seen=seen, case=case):
             kwargs = dict(kwargs)
             name = kernel.fn.__name__
-            # The row's kernel gets the row's config; fixed-tile kernels the tiles a GPU launch uses.
-            use = config if name == r.kernel else case.fixed[name]() if name in case.fixed else None
+            # The row's tuned kernel gets the row's config; fixed-tile kernels the tiles a GPU launch uses.
+            use = None
+            if name == r.kernel and config is not None:
+                use = config
+            elif name in case.fixed:
+                bound, _ = _bind(kernel, args, kwargs)
+                use = case.fixed[name]({k: _record_value(v) for k, v in bound.items()})
             if use is not None:
                 kwargs.update(use.kwargs)
                 for attr in _OPTION_ATTRS:
@@ -1020,7 +1107,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="CUDA only: launch each row for real and compare regs/spills/smem with the AOT numbers")
     p.add_argument("--autotune-log", default=None,
                    help="a log with TRITON_PRINT_AUTOTUNING=1 output: check the picked configs against the report")
+    p.add_argument("--tiles-from", default=None,
+                   help="comma list of --json reports (with --include-pruned): write the attention tile table")
+    p.add_argument("--write-tiles", default=None, help="with --tiles-from: the module to write")
     args = p.parse_args(argv)
+
+    if args.tiles_from:
+        if not args.write_tiles:
+            p.error("--tiles-from needs --write-tiles PATH")
+        rows, sources = [], []
+        for name in _csv(args.tiles_from):
+            with open(name, encoding="utf-8") as f:
+                report = json.load(f)
+            rows += report["rows"]
+            sources.append(report.get("versions", "?"))
+        table = attention_tile_table(rows)
+        write_attention_tiles(table, args.write_tiles, f"{len(rows)} report rows; {'; '.join(sorted(set(sources)))}")
+        print(f"wrote {args.write_tiles}")
+        return 0
 
     if args.arch == "native":
         cap = _device.cuda_capability()

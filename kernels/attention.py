@@ -42,8 +42,15 @@ Shapes: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; an
 D, Dv <= 256 and not necessarily powers of two (masked loads over ``BLOCK_D`` = next power of two
 >= max(D, 16)). Batch/head/row offsets are int64. LSE: (B, Hq, Lq), fp32 (fp64 for fp64 inputs).
 
+Head dims above 128 (BLOCK_D = 256): the backward computes dK and dV in two launches of the dK/dV
+kernel, one accumulator each (``split_dkdv``), and fp32 with tf32 allowed runs its backward in full fp32
+("ieee"; ``backward_precision``): the configs that compile clean for sm_80/sm_90 need both.
+
+Tiles: the autotune lists are pruned by ``keep()``, which accepts the tiles listed in the generated
+``attention_tiles.CLEAN_TILES`` (those that compiled clean in the AOT report).
+
 Limits: no dropout, no arbitrary attention mask, no sliding window, no fp8. The fp64 backward at
-D = 256 needs more than the ~100 KB of shared memory of sm_86/sm_89 parts (no config fits there).
+D > 128 needs more than the ~100 KB of shared memory of sm_86/sm_89 parts (no config fits there).
 The dK/dV kernel's parallelism is B * Hkv * cdiv(Lk, BLOCK_N) programs, so MQA on very few heads and short keys may not
 fill a large GPU.
 """
@@ -52,13 +59,14 @@ import triton
 import triton.language as tl
 
 from ._common import load_tile, store_tile
+from .attention_tiles import CLEAN_TILES
 from .linear import SMEM_LIMIT
 
 # ----------------------------------------------------------------------------------------------------
 # Config factories
 # ----------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ: BLOCK_M query rows per program, looping
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]). Forward and dQ: BLOCK_M query rows per program, looping
 # over BLOCK_N keys. dK/dV: BLOCK_N keys per program, looping over BLOCK_M query rows.
 _FWD_TILES = [
     (128, 128, 8, 3),
@@ -75,6 +83,12 @@ _FWD_TILES = [
     (16, 32, 4, 2),
     (16, 32, 4, 1),  # last resorts for D = 256 in fp32/fp64 on GPUs with ~100 KB of shared memory
     (16, 16, 4, 1),
+    # Added with the tile table (kernels/attention_tiles.py): wide 8-warp tiles for D = 256, small ones
+    # for the FMA paths (fp32 "ieee", fp64); maxnreg where ptxas otherwise aims at occupancy and spills.
+    (128, 32, 8, 2), (64, 16, 4, 2), (64, 32, 4, 1), (128, 16, 8, 2),
+    (32, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 1), (16, 16, 4, 2),
+    (16, 16, 16, 1), (32, 16, 8, 2, 255), (16, 16, 8, 1, 255),
+    (16, 16, 16, 1, 128), (64, 16, 8, 2), (128, 16, 8, 1),
 ]
 _DKDV_TILES = [
     (64, 128, 8, 3),
@@ -87,6 +101,12 @@ _DKDV_TILES = [
     (32, 32, 4, 2),
     (16, 32, 4, 2),
     (16, 16, 4, 1),
+    # Added with the tile table (kernels/attention_tiles.py): wide 8-warp tiles for D = 256, small ones
+    # for the FMA paths (fp32 "ieee", fp64); maxnreg where ptxas otherwise aims at occupancy and spills.
+    (16, 128, 8, 2), (16, 64, 4, 1), (32, 64, 4, 1), (16, 128, 8, 1),
+    (16, 16, 8, 1), (16, 32, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2),
+    (16, 16, 16, 1), (16, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 1),
+    (16, 16, 16, 1, 128), (16, 16, 16, 2, 128), (16, 16, 8, 2, 255), (16, 64, 8, 2, 255),
 ]
 _DQ_TILES = [
     (128, 64, 8, 3),
@@ -100,10 +120,16 @@ _DQ_TILES = [
     (16, 32, 4, 2),
     (16, 32, 4, 1),
     (16, 16, 4, 1),
+    # Added with the tile table (kernels/attention_tiles.py): wide 8-warp tiles for D = 256, small ones
+    # for the FMA paths (fp32 "ieee", fp64); maxnreg where ptxas otherwise aims at occupancy and spills.
+    (64, 16, 4, 2), (128, 16, 8, 2), (64, 32, 4, 1), (128, 32, 8, 2),
+    (16, 16, 8, 1), (32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2),
+    (16, 16, 16, 1), (32, 16, 16, 2), (16, 16, 8, 1, 255), (16, 32, 8, 2, 255), (32, 16, 8, 2, 255),
+    (16, 16, 16, 1, 128), (16, 16, 16, 2, 128), (16, 16, 8, 2, 255), (64, 16, 8, 2), (64, 32, 8, 2), (64, 16, 8, 1),
+    (128, 16, 8, 1),
 ]
 
-# The Delta preprocess is memory bound: a fixed, wide tile.
-PREPROCESS_CONFIG = {"BLOCK_M": 64}
+# The Delta preprocess is memory bound: not tuned, a wide tile (see preprocess_config).
 PREPROCESS_WARPS = 4
 
 # Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config per
@@ -112,15 +138,27 @@ INTERPRETER_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 INTERPRETER_BWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 INTERPRETER_PREPROCESS_CONFIG = {"BLOCK_M": 32}
 
-# Registers (4-byte words per thread) the per-program tiles that live in registers may take; the rest of
-# the 255 goes to addresses, row statistics and operand fragments. A heuristic that rules out tiles
-# seen to spill (a 128-row, D=256 forward on 4 warps), not a measured bound.
-_REG_BUDGET = 160
-
-
 def head_block(head_dim):
     """``BLOCK_D``: the power-of-two tile covering a head dim (>= 16, the smallest ``tl.dot`` K)."""
     return triton.next_power_of_2(max(int(head_dim), 16))
+
+
+def preprocess_config(head_dim_v, dtype_bytes):
+    """Tiles of the Delta preprocess on a GPU: 64 rows, fewer where the O and dO tiles would not fit
+    in registers (16 KB of each per 4-warp program at most: 32 rows for fp64 at Dv = 256, which spilled
+    672 bytes with 64 rows on sm_80)."""
+    return {"BLOCK_M": max(16, min(64, 65536 // (head_block(head_dim_v) * int(dtype_bytes))))}
+
+
+def split_dkdv(head_dim, head_dim_v, dtype_bytes):
+    """Whether the backward computes dK and dV in two launches of the dK/dV kernel, one accumulator each.
+
+    At head dims above 128 the two accumulators beside the K and V tiles spill at every tile on sm_90
+    (and in fp64 on sm_80 too); with one accumulator per launch some tiles compile clean. The second
+    launch recomputes P (about a third more backward work at these head dims). ``dtype_bytes`` is
+    accepted for a per-dtype rule; every dtype splits today."""
+    del dtype_bytes
+    return max(head_block(head_dim), head_block(head_dim_v)) > 128
 
 
 def seqlen_bucket(n):
@@ -134,7 +172,8 @@ def seqlen_bucket(n):
 
 def _configs(tiles):
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=maxnreg[0] if maxnreg else None)
+        for bm, bn, w, s, *maxnreg in tiles
     ]
 
 
@@ -146,7 +185,7 @@ def get_attn_fwd_configs():
 def get_attn_bwd_configs():
     """Configs the backward autotuners may try, by kernel: ``{"dkdv": [...], "dq": [...]}``.
 
-    The preprocess kernel is not tuned (``PREPROCESS_CONFIG``). Prune each list with
+    The preprocess kernel is not tuned (:func:`preprocess_config`). Prune each list with
     ``keep(config, head_dim, dtype_bytes, arch, kernel="dkdv" | "dq")``.
     """
     return {"dkdv": _configs(_DKDV_TILES), "dq": _configs(_DQ_TILES)}
@@ -170,41 +209,73 @@ def attn_smem_bytes(kernel, block_m, block_n, block_d, block_dv, num_stages, dty
     return (held + num_stages * streamed) * dtype_bytes + rows
 
 
-def attn_register_words(kernel, block_m, block_n, block_d, block_dv, num_warps, dtype_bytes):
-    """Accumulator and score tiles in registers, in 4-byte words per thread (fp64 counts twice)."""
-    if kernel == "fwd":  # acc (M x Dv), S and P (M x N)
-        words = block_m * block_dv + 2 * block_m * block_n
-    elif kernel == "dkdv":  # dK (N x D), dV (N x Dv), P^T and dP^T (N x M)
-        words = block_n * (block_d + block_dv) + 2 * block_m * block_n
-    elif kernel == "dq":  # dQ (M x D), P and dP (M x N)
-        words = block_m * block_d + 2 * block_m * block_n
-    else:
+def matmul_path(dtype_bytes, input_precision):
+    """How the kernels' matmuls run: on tensor cores ("tc16", "tc32" = tf32) or as FMAs ("fma32", "fma64")."""
+    if dtype_bytes == 8:
+        return "fma64"
+    if dtype_bytes == 4:
+        return "tc32" if input_precision == "tf32" else "fma32"
+    return "tc16"
+
+
+def backward_precision(input_precision, head_dim, head_dim_v):
+    """``INPUT_PRECISION`` of the backward kernels: the forward's, except that tf32 becomes "ieee" (full
+    fp32, FMA) at head dims above 128, where no tf32 tile of the dK and dQ kernels compiles for sm_90
+    without spilling (Triton 3.9, see bench/GPU.md). More precise than asked, never less."""
+    if input_precision == "tf32" and max(head_block(head_dim), head_block(head_dim_v)) > 128:
+        return "ieee"
+    return input_precision
+
+
+def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True):
+    """The key of :data:`CLEAN_TILES` a launch is checked under: "fwd", "dq", "dkdv" or, for dK/dV launches
+    with one accumulator at head dims above 128 (:func:`split_dkdv`), "dkdv_dk" / "dkdv_dv"."""
+    if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
-    return words * (2 if dtype_bytes == 8 else 1) // (32 * num_warps)
+    if kernel == "dkdv" and max(head_block(head_dim), head_block(head_dim_v)) > 128:
+        if not (compute_dk and compute_dv):
+            return "dkdv_dk" if compute_dk else "dkdv_dv"
+    return kernel
 
 
-def keep(config, head_dim, dtype_bytes, arch=90, kernel="fwd", head_dim_v=None):
-    """Whether an attention config is worth compiling for this head dim, dtype and architecture.
+def keep(config, head_dim, dtype_bytes, arch=90, kernel="fwd", head_dim_v=None, input_precision=None,
+         compute_dk=True, compute_dv=True):
+    """Whether the autotuner may try an attention config for this launch.
 
-    The rule the autotune lists are pruned by (and that an AOT report can apply): the held tile plus
-    the pipeline buffers must fit the arch's shared memory (``SMEM_LIMIT``), and the register-resident
-    tiles must fit ``_REG_BUDGET`` words per thread. A heuristic: it rules out the configs that spilled
-    heavily when compiled for sm_90 (Triton 3.9, D = 64 and 128), not every small spill.
+    The rule the autotune lists are pruned by: the config's tile must be listed in
+    :data:`CLEAN_TILES` (kernels/attention_tiles.py) for the launch's architecture, kernel variant, matmul
+    path and head-dim block (and, on parts other than sm_80/sm_90, fit their shared memory). The table is generated from an
+    ``--include-pruned`` AOT report (``python -m gradkernels.aot --tiles-from ... --write-tiles ...``):
+    it lists the tiles that compiled without spills, within shared memory and, for 16-bit and tf32
+    inputs, with wgmma (sm_90) / mma.sync (sm_80) for every launch of the report. Register use of these
+    kernels follows no simple model (ptxas trades spills for occupancy differently per tile, warps and
+    head dim; a per-thread estimate with fitted budgets could not separate the clean tiles from the
+    spilling ones), hence a measured table rather than a formula.
 
     Args:
         config: a ``triton.Config`` from :func:`get_attn_fwd_configs` / :func:`get_attn_bwd_configs`.
-        head_dim: D (the Q/K head dim). head_dim_v: Dv (defaults to D).
+        head_dim: D (the Q/K head dim). head_dim_v: Dv (defaults to D). Head dims below 64 use the
+            tiles of 64 (smaller operand tiles than those checked).
         dtype_bytes: element size of the inputs (2, 4 or 8).
-        arch: compute capability as an int (80, 86, 89, 90).
+        arch: compute capability as an int (80, 86, 89, 90); below 90 the sm_80 table applies, with the
+            arch's own shared memory limit.
         kernel: "fwd", "dkdv" or "dq".
+        input_precision: the launch's ``INPUT_PRECISION`` ("tf32" or "ieee"); decides the path of fp32
+            inputs. None: "ieee" (torch's default for fp32 matmuls).
+        compute_dk, compute_dv: the dK/dV launch's ``COMPUTE_DK`` / ``COMPUTE_DV`` (see :func:`split_dkdv`).
     """
-    bd = head_block(head_dim)
-    bdv = head_block(head_dim if head_dim_v is None else head_dim_v)
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    bd, bdv = head_block(head_dim), head_block(head_dim_v)
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    # The table's tiles fit sm_80's and sm_90's shared memory as compiled; other parts have less (~100 KB
+    # on sm_86/89): there the estimate (an upper bound of what Triton allocates) must fit.
     smem = attn_smem_bytes(kernel, bm, bn, bd, bdv, config.num_stages, dtype_bytes)
-    if smem > SMEM_LIMIT.get(arch, SMEM_LIMIT[80]):
+    if arch not in (80, 90) and smem > SMEM_LIMIT.get(arch, SMEM_LIMIT[80]):
         return False
-    return attn_register_words(kernel, bm, bn, bd, bdv, config.num_warps, dtype_bytes) <= _REG_BUDGET
+    variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv)
+    tiles = (CLEAN_TILES.get(90 if arch >= 90 else 80, {}).get(variant, {})
+             .get(matmul_path(dtype_bytes, input_precision), {}).get(max(64, bd, bdv), ()))
+    return (bm, bn, config.num_warps, config.num_stages, getattr(config, "maxnreg", None)) in tiles
 
 
 # ----------------------------------------------------------------------------------------------------

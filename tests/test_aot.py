@@ -146,7 +146,7 @@ def test_attention_launches_follow_the_launcher():
     assert sig["LQ"] == "i32" and "LQ" not in dq.aligned, "do_not_specialize: no divisibility on lengths"
     assert consts["HEAD_D"] == 80 and consts["BLOCK_D"] == 128 and consts["IS_CAUSAL"] is False
     pre = next(r for r in rows if r.kernel == "_attn_bwd_preprocess_kernel")
-    assert dict(pre.job.constexprs)["BLOCK_M"] == KA.PREPROCESS_CONFIG["BLOCK_M"]
+    assert dict(pre.job.constexprs)["BLOCK_M"] == KA.preprocess_config(80, 2)["BLOCK_M"] == 64
     assert dict(pre.job.options)["num_warps"] == KA.PREPROCESS_WARPS
     for arch in (80, 90):
         fwd = [r for r in aot.build_rows([arch], kernels=["attn"], dtypes=["fp16"], cases=["attn-fwd-d128-causal"])]
@@ -154,6 +154,53 @@ def test_attention_launches_follow_the_launcher():
         expect = {aot.config_label(c) for c in KA.get_attn_fwd_configs()
                   if KA.keep(c, 128, 2, arch, kernel="fwd") and c.num_stages > 1}
         assert kept and kept <= expect, (arch, kept, expect)
+
+
+def test_fp32_launches_run_in_full_precision_are_not_held_to_tensor_cores():
+    """Above D = 128 the attention backward runs fp32 with INPUT_PRECISION="ieee" even where tf32 is
+    allowed (kernels/attention.py::backward_precision): the report judges those launches as FMA code,
+    the forward (still tf32) and the D = 128 backward by the tensor-core rule."""
+    rows = aot.build_rows([90], kernels=["attn"], dtypes=["fp32-tf32"], cases=["attn-bwd-d256", "attn-fwd-d256",
+                                                                               "attn-bwd-d128"])
+    for r in rows:
+        if r.job is None or "preprocess" in r.kernel:
+            continue
+        precision = dict(r.job.constexprs)["INPUT_PRECISION"]
+        expect = "ieee" if r.case == "attn-bwd-d256-causal" else "tf32"
+        assert precision == expect, (r.case, r.kernel, precision)
+        assert r.needs_tensor_cores == (expect == "tf32"), (r.case, r.kernel)
+
+
+def test_attention_tile_table_lists_tiles_clean_in_every_launch(tmp_path):
+    """The generator of kernels/attention_tiles.py: a tile is listed for (arch, variant, path, head-dim
+    block) only when every row of it there passed (fp16 and bf16 share a path, D = 80 and 128 a block);
+    single-accumulator dK/dV launches get their own variant; the written module reads back equal."""
+    def row(arch, kernel, dtype, bd, tile, failures=(), **flags):
+        bm, bn, w, s, *mx = tile
+        return {"arch": arch, "kernel": kernel, "dtype": dtype, "result": {"regs": 1}, "failures": list(failures),
+                "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bd, **flags},
+                "options": {"num_warps": w, "num_stages": s, **({"maxnreg": mx[0]} if mx else {})}}
+
+    fwd, dkdv = "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"
+    rows = [row(90, fwd, "fp16", 128, (128, 64, 8, 3)), row(90, fwd, "bf16", 128, (128, 64, 8, 3)),
+            row(90, fwd, "fp16", 128, (64, 64, 4, 3)), row(90, fwd, "bf16", 128, (64, 64, 4, 3), ["spills"]),
+            row(86, fwd, "fp64", 32, (16, 16, 8, 1, 255)),
+            row(80, dkdv, "fp32-ieee", 256, (16, 64, 8, 2), COMPUTE_DK=False, COMPUTE_DV=True),
+            row(80, dkdv, "fp32-tf32", 64, (32, 64, 4, 3), COMPUTE_DK=True, COMPUTE_DV=True),
+            {"arch": 90, "kernel": "_attn_bwd_preprocess_kernel", "dtype": "fp16", "result": {}, "failures": [],
+             "constexprs": {"BLOCK_M": 64}, "options": {"num_warps": 4}}]
+    table = aot.attention_tile_table(rows)
+    assert table[90]["fwd"]["tc16"][128] == [(128, 64, 8, 3, None)]
+    assert table[80]["fwd"]["fma64"][64] == [(16, 16, 8, 1, 255)]
+    assert table[80]["dkdv_dv"]["fma32"][256] == [(16, 64, 8, 2, None)]
+    assert table[80]["dkdv"]["tc32"][64] == [(32, 64, 4, 3, None)]
+    path = tmp_path / "tiles.py"
+    aot.write_attention_tiles(table, str(path), "a test")
+    ns = {}
+    exec(path.read_text(), ns)
+    assert ns["CLEAN_TILES"][90]["fwd"]["tc16"][128] == ((128, 64, 8, 3, None),)
+    assert ns["CLEAN_TILES"][80]["dkdv"]["tc32"][64] == ((32, 64, 4, 3, None),)
+    assert "do not edit by hand" in path.read_text()
 
 
 def test_build_rows_rejects_unknown_arch_and_dtype():

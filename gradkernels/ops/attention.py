@@ -101,6 +101,9 @@ def _arch(device):
     return major * 10 + minor
 
 
+_MAX_TUNED = 6  # configs one autotuner call times at most
+
+
 def _pruner(kernel):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -108,15 +111,23 @@ def _pruner(kernel):
         arch = _arch(q.device) if q.is_cuda else 90
         head_d, head_dv = args["HEAD_D"], args["HEAD_DV"]
         kept = [c for c in configs
-                if K.keep(c, head_d, q.element_size(), arch, kernel=kernel, head_dim_v=head_dv)]
-        # Query tiles taller than the (bucketed) query length only compute padding: drop them.
+                if K.keep(c, head_d, q.element_size(), arch, kernel=kernel, head_dim_v=head_dv,
+                          input_precision=args.get("INPUT_PRECISION"), compute_dk=args.get("COMPUTE_DK", True),
+                          compute_dv=args.get("COMPUTE_DV", True))]
+        # Tiles taller than the (bucketed) length of their rows only compute padding: keep the ones that
+        # fit it, or the shortest there are (sm_90 tensor-core tiles have 64 rows at least).
         rows = "BLOCK_M" if kernel != "dkdv" else "BLOCK_N"
         length = args["LQ_BUCKET"] if kernel != "dkdv" else args["LK_BUCKET"]
-        short = [c for c in kept if c.kwargs[rows] <= max(length, 16)]
-        kept = short or kept
+        if kept:
+            fit = max(length, min(c.kwargs[rows] for c in kept))
+            kept = [c for c in kept if c.kwargs[rows] <= fit]
         # Single-stage tiles are last resorts (D = 256 in fp32/fp64 on ~100 KB parts): not timed
         # when a pipelined config fits.
         kept = [c for c in kept if c.num_stages > 1] or kept
+        # Bounded autotuning: the _MAX_TUNED largest tiles (most work per program), in list order.
+        if len(kept) > _MAX_TUNED:
+            big = sorted(kept, key=lambda c: -c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:_MAX_TUNED]
+            kept = [c for c in kept if any(c is b for b in big)]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
     return prune
@@ -232,13 +243,15 @@ def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, nee
 
     if delta is None:
         delta = torch.empty((b, h, lq), device=q.device, dtype=lse_dtype(q.dtype))
-    pre = K.INTERPRETER_PREPROCESS_CONFIG if not _device.use_autotune() else K.PREPROCESS_CONFIG
+    pre = (K.preprocess_config(dvdim, q.element_size()) if _device.use_autotune()
+           else K.INTERPRETER_PREPROCESS_CONFIG)
     K._attn_bwd_preprocess_kernel[(triton.cdiv(lq, pre["BLOCK_M"]) * b * h,)](
         out, grad_out, delta, h, lq, *out.stride(), *grad_out.stride(), *delta.stride(),
         HEAD_DV=dvdim, BLOCK_DV=K.head_block(dvdim), num_warps=K.PREPROCESS_WARPS, **pre,
     )
 
     flags = _flags(q, d, dvdim, causal_offset)
+    flags["INPUT_PRECISION"] = K.backward_precision(flags["INPUT_PRECISION"], d, dvdim)
     offset = 0 if causal_offset is None else int(causal_offset)
     common = (float(scale),)
     sizes_tail = (lq, lk, offset, K.seqlen_bucket(lq), K.seqlen_bucket(lk))
@@ -254,8 +267,13 @@ def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, nee
         def grid_kv(meta):
             return (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)
 
-        _launch("dkdv", K._attn_bwd_dkdv_kernel, grid_kv, args,
-                dict(flags, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv), K.INTERPRETER_BWD_CONFIG)
+        if need_dk and need_dv and K.split_dkdv(d, dvdim, q.element_size()):
+            passes = ((True, False), (False, True))  # one accumulator per launch (registers)
+        else:
+            passes = ((need_dk, need_dv),)
+        for compute_dk, compute_dv in passes:
+            _launch("dkdv", K._attn_bwd_dkdv_kernel, grid_kv, args,
+                    dict(flags, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv), K.INTERPRETER_BWD_CONFIG)
     if need_dq:
         args = (q, k, v, grad_out, lse, delta, dq, *common, h, h // hkv, *sizes_tail, *in_strides, *dq.stride())
 
