@@ -128,6 +128,9 @@ class Tuned:
 
     configs: Callable[[], list]
     prune: Callable[[list, "Launch", int], list]
+    # Configs certain to spill for a launch (what they keep in registers alone exceeds a thread's
+    # registers): ``--include-pruned`` leaves them out unless ``--all-pruned`` (they take minutes each).
+    hopeless: Callable[[Any, "Launch"], bool] | None = None
 
 
 class _FakeCudaTensor:
@@ -251,9 +254,21 @@ def _attention_cases_impl() -> list[Case]:
     from .ops import attention as ops
 
     bwd_configs = K.get_attn_bwd_configs
-    tuned = {"_attn_fwd_kernel": Tuned(K.get_attn_fwd_configs, launcher_prune(ops._pruner("fwd"))),
-             "_attn_bwd_dkdv_kernel": Tuned(lambda: bwd_configs()["dkdv"], launcher_prune(ops._pruner("dkdv"))),
-             "_attn_bwd_dq_kernel": Tuned(lambda: bwd_configs()["dq"], launcher_prune(ops._pruner("dq")))}
+
+    def hopeless(kernel):
+        def check(config, launch):
+            a = launch.args
+            nbytes = torch.empty(0, dtype=_TORCH_DTYPES[a["Q"].dtype]).element_size()
+            return K.hopeless(config, kernel, a["HEAD_D"], a["HEAD_DV"], nbytes, a.get("INPUT_PRECISION"),
+                              a.get("COMPUTE_DK", True), a.get("COMPUTE_DV", True))
+
+        return check
+
+    tuned = {"_attn_fwd_kernel": Tuned(K.get_attn_fwd_configs, launcher_prune(ops._pruner("fwd")), hopeless("fwd")),
+             "_attn_bwd_dkdv_kernel": Tuned(lambda: bwd_configs()["dkdv"], launcher_prune(ops._pruner("dkdv")),
+                                            hopeless("dkdv")),
+             "_attn_bwd_dq_kernel": Tuned(lambda: bwd_configs()["dq"], launcher_prune(ops._pruner("dq")),
+                                          hopeless("dq"))}
 
     # Launched with preprocess_config() on a GPU (the recorded, pinned-mode launch uses the interpreter's).
     def preprocess(args):
@@ -586,7 +601,7 @@ def _selected(name: str, wanted: Sequence[str] | None) -> bool:
 def build_rows(archs: Sequence[int] = DEFAULT_ARCHS, kernels: Sequence[str] | None = None,
                dtypes: Sequence[str] | None = None, cases: Sequence[str] | None = None,
                include_pruned: bool = False, config_filter: Callable[[Any], bool] | None = None,
-               maxnreg: int | None = None) -> list[Row]:
+               maxnreg: int | None = None, all_pruned: bool = False) -> list[Row]:
     """Every (arch, case, dtype, kernel launch, config) row of the report, not compiled yet.
 
     Args:
@@ -594,7 +609,8 @@ def build_rows(archs: Sequence[int] = DEFAULT_ARCHS, kernels: Sequence[str] | No
         kernels: keep rows whose family or kernel name contains one of these (None: all).
         dtypes: keys of :data:`DTYPES` (None: all).
         cases: keep cases whose name contains one of these (None: all).
-        include_pruned: also compile configs that the kernel's ``keep`` rule prunes.
+        include_pruned: also compile configs that the kernel's ``keep`` rule prunes, except the ones its
+            ``Tuned.hopeless`` says are certain to spill (unless ``all_pruned``).
         config_filter: an extra predicate on ``triton.Config`` (tests use it to compile a subset).
         maxnreg: what-if experiments: compile every tuned config with this ``maxnreg`` (PTX
             ``.maxnreg``) instead of its own.
@@ -625,11 +641,12 @@ def build_rows(archs: Sequence[int] = DEFAULT_ARCHS, kernels: Sequence[str] | No
                 tuned = case.tuned.get(launch.kernel)
                 for arch in archs:
                     rows.extend(_rows_for_launch(case, dname, dt, launch, tuned, arch, include_pruned,
-                                                 config_filter, maxnreg))
+                                                 config_filter, maxnreg, all_pruned))
     return rows
 
 
-def _rows_for_launch(case, dname, dt, launch, tuned, arch, include_pruned, config_filter, maxnreg=None):
+def _rows_for_launch(case, dname, dt, launch, tuned, arch, include_pruned, config_filter, maxnreg=None,
+                     all_pruned=False):
     # fp32 launches that a launcher runs in full precision (INPUT_PRECISION="ieee", e.g. the attention
     # backward above D = 128) use FMAs: held to the tensor-core rule only where they run tf32.
     needs_tc = dt.needs_tensor_cores and not (dt.torch_dtype == torch.float32
@@ -654,7 +671,9 @@ def _rows_for_launch(case, dname, dt, launch, tuned, arch, include_pruned, confi
         if maxnreg is not None:
             c = copy.copy(c)
             c.maxnreg = maxnreg
-        out.append(row(c, pruned, make_job(launch, arch, c) if include_pruned or not pruned else None))
+        compile_it = not pruned or (include_pruned and (all_pruned or tuned.hopeless is None
+                                                         or not tuned.hopeless(c, launch)))
+        out.append(row(c, pruned, make_job(launch, arch, c) if compile_it else None))
     return out
 
 
@@ -937,7 +956,7 @@ def write_attention_tiles(table: dict, path: str, source: str) -> None:
              "",
              f"Source: {source}.",
              "Regenerate after a kernel change or a Triton upgrade (see bench/GPU.md):",
-             "    python -m gradkernels.aot --kernel attention --include-pruned --json report.json",
+             "    python -m gradkernels.aot --kernel attention --include-pruned --json report.json  # ~1 h, 2 cores",
              "    python -m gradkernels.aot --tiles-from report.json --write-tiles kernels/attention_tiles.py",
              "",
              "CLEAN_TILES[arch][variant][path][block_d]: (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) tuples",
@@ -1097,7 +1116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kernel", default="", help="only kernels/families whose name contains one of these (comma list)")
     p.add_argument("--dtype", default="", help=f"comma list of {', '.join(DTYPES)} (default all)")
     p.add_argument("--case", default="", help="only cases whose name contains one of these (comma list)")
-    p.add_argument("--include-pruned", action="store_true", help="also compile configs that keep() prunes")
+    p.add_argument("--include-pruned", action="store_true",
+                   help="also compile configs that keep() prunes (not the ones certain to spill)")
+    p.add_argument("--all-pruned", action="store_true",
+                   help="with --include-pruned: the ones certain to spill too (hours for attention)")
     p.add_argument("--maxnreg", type=int, default=None,
                    help="what-if: compile every tuned config with this maxnreg (PTX .maxnreg), e.g. 255")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: all usable CPUs)")
@@ -1149,7 +1171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"gradkernels AOT report: sm_{', sm_'.join(map(str, archs))}; {versions()}", flush=True)
     rows = build_rows(archs, _csv(args.kernel) or None, dtypes, _csv(args.case) or None, args.include_pruned,
-                      maxnreg=args.maxnreg)
+                      maxnreg=args.maxnreg, all_pruned=args.all_pruned)
     if not rows:
         print("no kernel launch matches the filters", file=sys.stderr)
         return 2

@@ -238,6 +238,21 @@ def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True)
     return kernel
 
 
+def hopeless(config, kernel, head_dim, head_dim_v, dtype_bytes, input_precision=None, compute_dk=True,
+             compute_dv=True):
+    """Whether a config is certain to spill: its accumulators and one score tile alone take more than 256
+    registers per thread (160 on the FMA paths, whose operands also live in registers). The AOT report's
+    ``--include-pruned`` calibration runs leave these out (each takes minutes to compile, to fail)."""
+    bd, bdv = head_block(head_dim), head_block(head_dim_v)
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    if kernel == "dkdv":
+        acc = bn * (bd * bool(compute_dk) + bdv * bool(compute_dv))
+    else:
+        acc = bm * (bdv if kernel == "fwd" else bd)
+    words = (acc + bm * bn) * (2 if dtype_bytes == 8 else 1) / (32 * config.num_warps)
+    return words > (160 if matmul_path(dtype_bytes, input_precision).startswith("fma") else 256)
+
+
 def keep(config, head_dim, dtype_bytes, arch=90, kernel="fwd", head_dim_v=None, input_precision=None,
          compute_dk=True, compute_dv=True):
     """Whether the autotuner may try an attention config for this launch.

@@ -2,7 +2,7 @@
 
 Source: 7096 report rows; ?; triton 3.9.0, torch 2.13.0+cpu, ptxas 12.9, ptxas-blackwell 13.4.
 Regenerate after a kernel change or a Triton upgrade (see bench/GPU.md):
-    python -m gradkernels.aot --kernel attention --include-pruned --json report.json
+    python -m gradkernels.aot --kernel attention --include-pruned --json report.json  # ~1 h, 2 cores
     python -m gradkernels.aot --tiles-from report.json --write-tiles kernels/attention_tiles.py
 
 CLEAN_TILES[arch][variant][path][block_d]: (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) tuples

@@ -171,6 +171,21 @@ def test_fp32_launches_run_in_full_precision_are_not_held_to_tensor_cores():
         assert r.needs_tensor_cores == (expect == "tf32"), (r.case, r.kernel)
 
 
+def test_include_pruned_leaves_out_tiles_certain_to_spill_unless_all_pruned():
+    """Calibration runs (--include-pruned) skip the attention tiles whose accumulators and scores alone
+    exceed a thread's registers; --all-pruned compiles them too. Pickable configs are never skipped."""
+    from gradkernels.kernels import attention as KA
+
+    kw = dict(kernels=["attn"], dtypes=["fp32-ieee"], cases=["attn-fwd-d256"], include_pruned=True)
+    rows = aot.build_rows([90], **kw)
+    skipped = [r for r in rows if r.job is None]
+    assert skipped and all(r.pruned for r in skipped)
+    assert all(r.job is not None for r in aot.build_rows([90], all_pruned=True, **kw))
+    big = next(c for c in KA.get_attn_fwd_configs() if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (128, 128, 8))
+    assert aot.config_label(big) in {r.config for r in skipped}
+    assert KA.hopeless(big, "fwd", 256, 256, 4, "ieee") and not KA.hopeless(big, "fwd", 64, 64, 2, None)
+
+
 def test_attention_tile_table_lists_tiles_clean_in_every_launch(tmp_path):
     """The generator of kernels/attention_tiles.py: a tile is listed for (arch, variant, path, head-dim
     block) only when every row of it there passed (fp16 and bf16 share a path, D = 80 and 128 a block);
