@@ -279,25 +279,25 @@ def _attention_cases_impl() -> list[Case]:
     # GQA (8 query heads on 2 kv heads), 1024 positions: sizes only decide the specialisation.
     b, hq, hkv, length = 2, 8, 2, 1024
 
-    def tensors(dtype, device, d):
-        q = torch.empty((b, hq, length, d), dtype=dtype, device=device)
-        k = torch.empty((b, hkv, length, d), dtype=dtype, device=device)
-        v = torch.empty((b, hkv, length, d), dtype=dtype, device=device)
+    def tensors(dtype, device, d, lq, lk):
+        q = torch.empty((b, hq, lq, d), dtype=dtype, device=device)
+        k = torch.empty((b, hkv, lk, d), dtype=dtype, device=device)
+        v = torch.empty((b, hkv, lk, d), dtype=dtype, device=device)
         return q, k, v
 
-    def fwd(d, causal):
+    def fwd(d, causal, lq=length, lk=length):
         def run(dtype, device):
-            q, k, v = tensors(dtype, device, d)
-            ops.attention_forward(q, k, v, 0 if causal else None, d**-0.5)
+            q, k, v = tensors(dtype, device, d, lq, lk)
+            ops.attention_forward(q, k, v, lk - lq if causal else None, d**-0.5)
 
         return run
 
-    def bwd(d, causal):
+    def bwd(d, causal, lq=length, lk=length):
         def run(dtype, device):
-            q, k, v = tensors(dtype, device, d)
+            q, k, v = tensors(dtype, device, d, lq, lk)
             out, grad = torch.empty_like(q), torch.empty_like(q)
-            lse = torch.empty((b, hq, length), dtype=ops.lse_dtype(dtype), device=device)
-            ops.attention_backward(grad, q, k, v, out, lse, 0 if causal else None, d**-0.5)
+            lse = torch.empty((b, hq, lq), dtype=ops.lse_dtype(dtype), device=device)
+            ops.attention_backward(grad, q, k, v, out, lse, lk - lq if causal else None, d**-0.5)
 
         return run
 
@@ -309,6 +309,11 @@ def _attention_cases_impl() -> list[Case]:
         tag = f"d{d}-{'causal' if causal else 'full'}"
         cases.append(Case("attention", f"attn-fwd-{tag}", fwd(d, causal), mods, tuned, fixed))
         cases.append(Case("attention", f"attn-bwd-{tag}", bwd(d, causal), mods, tuned, fixed))
+    # Short sequences: the launchers' prune then offers the shortest tiles (decoding: one query row over
+    # 1024 keys; a 16-position backward), one head-dim block each.
+    for d in (64, 80, 256):
+        cases.append(Case("attention", f"attn-short-fwd-d{d}", fwd(d, True, 1, length), mods, tuned, fixed))
+        cases.append(Case("attention", f"attn-short-bwd-d{d}", bwd(d, True, 16, 16), mods, tuned, fixed))
     return cases
 
 
