@@ -258,8 +258,8 @@ def _attention_cases_impl() -> list[Case]:
     def hopeless(kernel):
         def check(config, launch):
             a = launch.args
-            nbytes = torch.empty(0, dtype=_TORCH_DTYPES[a["Q"].dtype]).element_size()
-            return K.hopeless(config, kernel, a["HEAD_D"], a["HEAD_DV"], nbytes, a.get("INPUT_PRECISION"),
+            return K.hopeless(config, kernel, a["HEAD_D"], a["HEAD_DV"], _TORCH_DTYPES[a["Q"].dtype].itemsize,
+                              a.get("INPUT_PRECISION"),
                               a.get("COMPUTE_DK", True), a.get("COMPUTE_DV", True))
 
         return check
@@ -272,8 +272,8 @@ def _attention_cases_impl() -> list[Case]:
 
     # Launched with preprocess_config() on a GPU (the recorded, pinned-mode launch uses the interpreter's).
     def preprocess(args):
-        dtype_bytes = torch.empty(0, dtype=_TORCH_DTYPES[args["O"].dtype]).element_size()
-        return triton.Config(K.preprocess_config(args["HEAD_DV"], dtype_bytes), num_warps=K.PREPROCESS_WARPS)
+        return triton.Config(K.preprocess_config(args["HEAD_DV"], _TORCH_DTYPES[args["O"].dtype].itemsize),
+                             num_warps=K.PREPROCESS_WARPS)
 
     fixed = {"_attn_bwd_preprocess_kernel": preprocess}
     # GQA (8 query heads on 2 kv heads), 1024 positions: sizes only decide the specialisation.
@@ -916,7 +916,6 @@ def rows_to_json(rows: Sequence[Row]) -> list[dict]:
 # The attention tile table (kernels/attention_tiles.py), written from --include-pruned reports
 # ----------------------------------------------------------------------------------------------------
 
-_PATHS = {"fp16": "tc16", "bf16": "tc16", "fp32-tf32": "tc32", "fp32-ieee": "fma32", "fp64": "fma64"}
 _ATTN_VARIANT = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
 
 
@@ -929,18 +928,19 @@ def attention_tile_table(rows: Sequence[dict]) -> dict:
     failed. Variants: "fwd", "dq", "dkdv" (both accumulators), "dkdv_dk" / "dkdv_dv" (one, see
     ``kernels.attention.split_dkdv``). A tile is ``(BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg)``.
     """
+    from .kernels import attention as KA
+
     verdict: dict = {}
     for r in rows:
-        variant = _ATTN_VARIANT.get(r["kernel"])
-        if variant is None or r.get("result") is None or r.get("constexprs") is None:
+        kernel = _ATTN_VARIANT.get(r["kernel"])
+        if kernel is None or r.get("result") is None or r.get("constexprs") is None:
             continue
         c, o = r["constexprs"], r["options"]
-        if variant == "dkdv" and not (c.get("COMPUTE_DK", True) and c.get("COMPUTE_DV", True)):
-            variant = "dkdv_dk" if c.get("COMPUTE_DK", True) else "dkdv_dv"
+        variant = KA.tile_variant(kernel, c["HEAD_D"], c["HEAD_DV"], c.get("COMPUTE_DK", True),
+                                  c.get("COMPUTE_DV", True))
         arch = 90 if r["arch"] >= 90 else 80
-        path = _PATHS[r["dtype"]]
-        if path == "tc32" and c.get("INPUT_PRECISION") == "ieee":  # run in full precision by the launcher
-            path = "fma32"
+        # The launch's own precision: the launcher runs some fp32-tf32 launches in "ieee".
+        path = KA.matmul_path(DTYPES[r["dtype"]].nbytes, c.get("INPUT_PRECISION"))
         block_d = max(64, c["BLOCK_D"], c["BLOCK_DV"])
         tile = (c["BLOCK_M"], c["BLOCK_N"], o["num_warps"], o["num_stages"], o.get("maxnreg"))
         key = (arch, variant, path, block_d, tile)

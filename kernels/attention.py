@@ -150,15 +150,18 @@ def preprocess_config(head_dim_v, dtype_bytes):
     return {"BLOCK_M": max(16, min(64, 65536 // (head_block(head_dim_v) * int(dtype_bytes))))}
 
 
-def split_dkdv(head_dim, head_dim_v, dtype_bytes):
+def wide_heads(head_dim, head_dim_v):
+    """Whether a launch's head-dim block is 256 (D or Dv above 128): the launches there differ (below)."""
+    return max(head_block(head_dim), head_block(head_dim_v)) > 128
+
+
+def split_dkdv(head_dim, head_dim_v):
     """Whether the backward computes dK and dV in two launches of the dK/dV kernel, one accumulator each.
 
     At head dims above 128 the two accumulators beside the K and V tiles spill at every tile on sm_90
     (and in fp64 on sm_80 too); with one accumulator per launch some tiles compile clean. The second
-    launch recomputes P (about a third more backward work at these head dims). ``dtype_bytes`` is
-    accepted for a per-dtype rule; every dtype splits today."""
-    del dtype_bytes
-    return max(head_block(head_dim), head_block(head_dim_v)) > 128
+    launch recomputes P (about a third more backward work at these head dims)."""
+    return wide_heads(head_dim, head_dim_v)
 
 
 def seqlen_bucket(n):
@@ -222,7 +225,7 @@ def backward_precision(input_precision, head_dim, head_dim_v):
     """``INPUT_PRECISION`` of the backward kernels: the forward's, except that tf32 becomes "ieee" (full
     fp32, FMA) at head dims above 128, where no tf32 tile of the dK and dQ kernels compiles for sm_90
     without spilling (Triton 3.9, see bench/GPU.md). More precise than asked, never less."""
-    if input_precision == "tf32" and max(head_block(head_dim), head_block(head_dim_v)) > 128:
+    if input_precision == "tf32" and wide_heads(head_dim, head_dim_v):
         return "ieee"
     return input_precision
 
@@ -232,9 +235,8 @@ def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True)
     with one accumulator at head dims above 128 (:func:`split_dkdv`), "dkdv_dk" / "dkdv_dv"."""
     if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
-    if kernel == "dkdv" and max(head_block(head_dim), head_block(head_dim_v)) > 128:
-        if not (compute_dk and compute_dv):
-            return "dkdv_dk" if compute_dk else "dkdv_dv"
+    if kernel == "dkdv" and wide_heads(head_dim, head_dim_v) and not (compute_dk and compute_dv):
+        return "dkdv_dk" if compute_dk else "dkdv_dv"
     return kernel
 
 

@@ -193,15 +193,19 @@ def test_attention_tile_table_lists_tiles_clean_in_every_launch(tmp_path):
     def row(arch, kernel, dtype, bd, tile, failures=(), **flags):
         bm, bn, w, s, *mx = tile
         return {"arch": arch, "kernel": kernel, "dtype": dtype, "result": {"regs": 1}, "failures": list(failures),
-                "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bd, **flags},
+                "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bd, "HEAD_D": bd,
+                               "HEAD_DV": bd, **flags},
                 "options": {"num_warps": w, "num_stages": s, **({"maxnreg": mx[0]} if mx else {})}}
 
     fwd, dkdv = "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"
     rows = [row(90, fwd, "fp16", 128, (128, 64, 8, 3)), row(90, fwd, "bf16", 128, (128, 64, 8, 3)),
             row(90, fwd, "fp16", 128, (64, 64, 4, 3)), row(90, fwd, "bf16", 128, (64, 64, 4, 3), ["spills"]),
             row(86, fwd, "fp64", 32, (16, 16, 8, 1, 255)),
-            row(80, dkdv, "fp32-ieee", 256, (16, 64, 8, 2), COMPUTE_DK=False, COMPUTE_DV=True),
-            row(80, dkdv, "fp32-tf32", 64, (32, 64, 4, 3), COMPUTE_DK=True, COMPUTE_DV=True),
+            row(80, dkdv, "fp32-ieee", 256, (16, 64, 8, 2), COMPUTE_DK=False, COMPUTE_DV=True, INPUT_PRECISION="ieee"),
+            row(80, dkdv, "fp32-tf32", 64, (32, 64, 4, 3), COMPUTE_DK=True, COMPUTE_DV=True, INPUT_PRECISION="tf32"),
+            # A fp32-tf32 launch the launcher runs in "ieee": FMA code, listed under that path.
+            row(90, dkdv, "fp32-tf32", 256, (16, 32, 8, 2), ["no HGMMA (tensor cores unused)"], COMPUTE_DK=True,
+                COMPUTE_DV=False, INPUT_PRECISION="ieee"),
             {"arch": 90, "kernel": "_attn_bwd_preprocess_kernel", "dtype": "fp16", "result": {}, "failures": [],
              "constexprs": {"BLOCK_M": 64}, "options": {"num_warps": 4}}]
     table = aot.attention_tile_table(rows)
@@ -209,6 +213,7 @@ def test_attention_tile_table_lists_tiles_clean_in_every_launch(tmp_path):
     assert table[80]["fwd"]["fma64"][64] == [(16, 16, 8, 1, 255)]
     assert table[80]["dkdv_dv"]["fma32"][256] == [(16, 64, 8, 2, None)]
     assert table[80]["dkdv"]["tc32"][64] == [(32, 64, 4, 3, None)]
+    assert table[90]["dkdv_dk"]["fma32"][256] == [(16, 32, 8, 2, None)] and "tc32" not in table[90]["dkdv_dk"]
     path = tmp_path / "tiles.py"
     aot.write_attention_tiles(table, str(path), "a test")
     ns = {}

@@ -271,7 +271,7 @@ def test_large_head_dim_splits_dkdv_into_two_launches(monkeypatch):
     ours = (out, lse, *_grads(out, (q, k, v), grad_out))
     dkdv = [(f["COMPUTE_DK"], f["COMPUTE_DV"]) for kind, f in launched if kind == "dkdv"]
     assert dkdv == [(True, False), (False, True)]
-    assert not KA.split_dkdv(128, 128, 8) and KA.split_dkdv(256, 256, 4) and KA.split_dkdv(64, 256, 8)
+    assert not KA.split_dkdv(128, 128) and KA.split_dkdv(256, 256) and KA.split_dkdv(64, 256)
     ref, same = _oracles(q, k, v, grad_out, True, 1 / math.sqrt(160))
     _check_all(ours, same, ref, torch.float64)
 
@@ -475,7 +475,7 @@ def _tile(c):
 def _launches(dtype_bytes, precision, d):
     """(kernel, input_precision, compute_dk, compute_dv) of every launch the launchers make at head dim d."""
     bwd = KA.backward_precision(precision, d, d)
-    kv = [(True, False), (False, True)] if KA.split_dkdv(d, d, dtype_bytes) else [(True, True)]
+    kv = [(True, False), (False, True)] if KA.split_dkdv(d, d) else [(True, True)]
     return [("fwd", precision, True, True), ("dq", bwd, True, True)] + [("dkdv", bwd, dk, dv) for dk, dv in kv]
 
 
@@ -540,7 +540,7 @@ def test_variants_precision_and_split_rules():
         KA.tile_variant("bwd", 64, 64)
     assert KA.backward_precision("tf32", 256, 256) == "ieee" and KA.backward_precision("tf32", 128, 128) == "tf32"
     assert KA.backward_precision("ieee", 256, 256) == "ieee" and KA.backward_precision(None, 256, 64) is None
-    assert KA.split_dkdv(160, 64, 2) and not KA.split_dkdv(128, 128, 8)
+    assert KA.split_dkdv(160, 64) and not KA.split_dkdv(128, 128)
     assert KA.matmul_path(4, "tf32") == "tc32" and KA.matmul_path(4, None) == "fma32" and KA.matmul_path(8, "tf32") == "fma64"
     assert KA.preprocess_config(256, 8) == {"BLOCK_M": 32} and KA.preprocess_config(64, 2) == {"BLOCK_M": 64}
 

@@ -124,10 +124,8 @@ def _pruner(kernel):
         # Single-stage tiles are last resorts (D = 256 in fp32/fp64 on ~100 KB parts): not timed
         # when a pipelined config fits.
         kept = [c for c in kept if c.num_stages > 1] or kept
-        # Bounded autotuning: the _MAX_TUNED largest tiles (most work per program), in list order.
-        if len(kept) > _MAX_TUNED:
-            big = sorted(kept, key=lambda c: -c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:_MAX_TUNED]
-            kept = [c for c in kept if any(c is b for b in big)]
+        # Bounded autotuning: the _MAX_TUNED largest tiles (most work per program).
+        kept = sorted(kept, key=lambda c: -c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:_MAX_TUNED]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
     return prune
@@ -267,7 +265,7 @@ def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, nee
         def grid_kv(meta):
             return (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)
 
-        if need_dk and need_dv and K.split_dkdv(d, dvdim, q.element_size()):
+        if need_dk and need_dv and K.split_dkdv(d, dvdim):
             passes = ((True, False), (False, True))  # one accumulator per launch (registers)
         else:
             passes = ((need_dk, need_dv),)
