@@ -297,7 +297,8 @@ def _attention_cases_impl() -> list[Case]:
             q, k, v = tensors(dtype, device, d, lq, lk)
             out, grad = torch.empty_like(q), torch.empty_like(q)
             lse = torch.empty((b, hq, lq), dtype=ops.lse_dtype(dtype), device=device)
-            ops.attention_backward(grad, q, k, v, out, lse, lk - lq if causal else None, d**-0.5)
+            ops.attention_backward(grad, q, k, v, out, lse, torch.empty_like(lse), lk - lq if causal else None,
+                                   d**-0.5)
 
         return run
 

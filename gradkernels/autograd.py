@@ -56,8 +56,8 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     @_custom_fwd
     def forward(ctx, q, k, v, causal_offset, scale):
-        out, lse = attention_ops.attention_forward(q, k, v, causal_offset, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, lse_lo = attention_ops.attention_forward(q, k, v, causal_offset, scale)
+        ctx.save_for_backward(q, k, v, out, lse, lse_lo)
         ctx.causal_offset, ctx.scale = causal_offset, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -65,10 +65,10 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     @_custom_bwd
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, lse_lo = ctx.saved_tensors
         need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
         dq, dk, dv = attention_ops.attention_backward(
-            grad_out, q, k, v, out, lse, ctx.causal_offset, ctx.scale,
+            grad_out, q, k, v, out, lse, lse_lo, ctx.causal_offset, ctx.scale,
             need_dq=need_dq, need_dk=need_dk, need_dv=need_dv,
         )
         return dq, dk, dv, None, None

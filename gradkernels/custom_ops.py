@@ -11,8 +11,8 @@ Ops (namespace ``gradkernels``):
 
 - ``linear_fwd(x, weight, bias, activation, store_pre) -> (out, pre)``
 - ``linear_bwd(grad, x, weight, pre, activation, need_dx, need_dw, need_db) -> (dx, dw, db)``
-- ``attention_fwd(q, k, v, causal_offset, scale) -> (out, lse)``
-- ``attention_bwd(grad_out, q, k, v, out, lse, causal_offset, scale, need_dq, need_dk, need_dv)
+- ``attention_fwd(q, k, v, causal_offset, scale) -> (out, lse, lse_lo)``
+- ``attention_bwd(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, need_dq, need_dk, need_dv)
   -> (dq, dk, dv)``
 
 Custom op schemas cannot return ``None``: a tensor that is not produced is returned as an empty
@@ -154,8 +154,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
 
 
 @torch.library.custom_op("gradkernels::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal_offset: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
-    """Flash forward: ``(out, lse)``; key j visible to query i iff ``j <= i + causal_offset`` (None: all)."""
+def attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, causal_offset: Optional[int], scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Flash forward: ``(out, lse, lse_lo)``; key j visible to query i iff ``j <= i + causal_offset``."""
     return attention_ops.attention_forward(q, k, v, causal_offset, scale)
 
 
@@ -164,7 +166,7 @@ def _(q, k, v, causal_offset, scale):
     # The launcher's own allocation helper, so the fake output has the real one's strides.
     out = attention_ops._empty_out(q, v.shape[-1])
     lse = q.new_empty(q.shape[:3], dtype=attention_ops.lse_dtype(q.dtype))
-    return out, lse
+    return out, lse, torch.empty_like(lse)
 
 
 @torch.library.custom_op("gradkernels::attention_bwd", mutates_args=())
@@ -175,6 +177,7 @@ def attention_bwd(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
+    lse_lo: Tensor,
     causal_offset: Optional[int],
     scale: float,
     need_dq: bool,
@@ -183,13 +186,14 @@ def attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`attention_fwd`; those not asked for are empty tensors."""
     dq, dk, dv = attention_ops.attention_backward(
-        grad_out, q, k, v, out, lse, causal_offset, scale, need_dq=need_dq, need_dk=need_dk, need_dv=need_dv
+        grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale,
+        need_dq=need_dq, need_dk=need_dk, need_dv=need_dv,
     )
     return tuple(_empty(q) if t is None else t for t in (dq, dk, dv))
 
 
 @attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, causal_offset, scale, need_dq, need_dk, need_dv):
+def _(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, need_dq, need_dk, need_dv):
     return (
         torch.empty_like(q) if need_dq else _empty(q),
         torch.empty_like(k) if need_dk else _empty(q),
@@ -199,19 +203,20 @@ def _(grad_out, q, k, v, out, lse, causal_offset, scale, need_dq, need_dk, need_
 
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, causal_offset, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    out, lse, lse_lo = output
+    ctx.save_for_backward(q, k, v, out, lse, lse_lo)
     ctx.causal_offset, ctx.scale = causal_offset, scale
     # As AttentionFunction: the LSE is an output for merging partial results, not differentiable.
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, lse_lo)
 
 
-def _attention_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+def _attention_backward(ctx, grad_out, _grad_lse, _grad_lse_lo):
+    q, k, v, out, lse, lse_lo = ctx.saved_tensors
     need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
     if not (need_dq or need_dk or need_dv):
         return None, None, None, None, None
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.causal_offset, ctx.scale, need_dq, need_dk, need_dv)
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, lse_lo, ctx.causal_offset, ctx.scale,
+                               need_dq, need_dk, need_dv)
     return (dq if need_dq else None), (dk if need_dk else None), (dv if need_dv else None), None, None
 
 
@@ -231,4 +236,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal_offset: Optional[int], sca
         ``(out, lse)``: (B, Hq, Lq, Dv) in q's dtype, and the (B, Hq, Lq) log-sum-exp (fp32; fp64 for fp64
         inputs), not differentiable.
     """
-    return attention_fwd(q, k, v, causal_offset, float(scale))
+    out, lse, _ = attention_fwd(q, k, v, causal_offset, float(scale))
+    return out, lse

@@ -363,7 +363,14 @@ def _attn_fwd_inner(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Online-softmax update of one query tile over key blocks ``[lo, hi)``."""
+    """Online-softmax update of one query tile over key blocks ``[lo, hi)``.
+
+    ``m_i`` is the running row maximum in the scaled base-2 domain, ``fl(max(q.k) * qk_scale)``. Each
+    probability is ``exp2(fma(q.k, qk_scale, -m_i))``: the product is not rounded before the maximum is
+    subtracted, so the result is accurate to the rounding of a small number however large the logits
+    are, and the rounding of ``m_i`` itself is common to the whole row (it cancels in ``acc / l``).
+    The backward recomputes the same expression (see ``_load_row_stats``).
+    """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -374,17 +381,18 @@ def _attn_fwd_inner(
         # Unmasked blocks bound the rows by the constexpr BLOCK_N: the row mask folds away.
         rows = LK - start_n if MASKED else BLOCK_N
         k = load_tile(k_blk, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=acc.dtype) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         if MASKED:
             visible = _visible(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            qk = tl.where(visible, qk, float("-inf"))
+            # qk_scale > 0 (the launcher folds the sign of the scale into Q), so scaling keeps the order.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             # A row with nothing visible yet keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = m_new
-        p = tl.math.exp2(s - m_sub[:, None])
+        p = tl.math.exp2(tl.fma(qk, qk_scale, -m_sub[:, None]))
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(v_blk, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
@@ -398,7 +406,7 @@ def _attn_fwd_inner(
 @triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET"])
 def _attn_fwd_kernel(
     # pointers
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, LSE_LO,
     # scalars
     SM_SCALE: "fp64",
     # sizes
@@ -409,7 +417,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh, stride_lm,
+    stride_lb, stride_lh, stride_lm,  # LSE and LSE_LO
     # constexpr flags
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     # tiles
@@ -468,10 +476,19 @@ def _attn_fwd_kernel(
     O_blk = O + b * stride_ob + h * stride_oh + start_m * stride_om
     store_tile(O_blk, out.to(O.dtype.element_ty), offs_m_local, offs_dv, stride_om, stride_od,
                LQ - start_m, HEAD_DV)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-    LSE_blk = LSE + b * stride_lb + h * stride_lh + start_m * stride_lm
-    tl.store(LSE_blk + offs_m_local * stride_lm, lse.to(LSE.dtype.element_ty),
-             mask=offs_m_local < LQ - start_m)
+    # The LSE in natural log for the caller, and for the backward its rounding residual in base 2:
+    # lse2 = m + log2(l) = fl(LSE * log2(e)) + LSE_LO to a few ulps of log2(l), not of m. With logits
+    # of 1e5 an fp32 LSE alone is off by up to 0.004 (2^-8), which the recomputed P would inherit.
+    log2_l = tl.math.log2(l_safe)
+    m_safe = tl.where(empty, 0.0, m_i)
+    lse = (m_safe + log2_l) * _LN2
+    hi = lse.to(LSE.dtype.element_ty).to(ACC_DTYPE) * _LOG2E
+    lse_lo = tl.where(empty, 0.0, (m_safe - hi) + log2_l)  # m - hi is exact when close (Sterbenz)
+    lse = tl.where(empty, float("-inf"), lse)
+    row_mask = offs_m_local < LQ - start_m
+    row_off = b * stride_lb + h * stride_lh + (start_m + offs_m_local) * stride_lm
+    tl.store(LSE + row_off, lse.to(LSE.dtype.element_ty), mask=row_mask)
+    tl.store(LSE_LO + row_off, lse_lo.to(LSE_LO.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -512,25 +529,29 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _load_row_stats(LSE_blk, DELTA_blk, offs, rows, stride_lm, stride_dem, ACC_DTYPE: tl.constexpr):
-    """LSE (in base 2) and Delta of ``rows`` query rows; padding rows read LSE = +inf, Delta = 0.
+def _load_row_stats(LSE_blk, LSE_LO_blk, DELTA_blk, offs, rows, stride_lm, stride_dem, ACC_DTYPE: tl.constexpr):
+    """``(hi, lo, delta)`` of ``rows`` query rows: the base-2 LSE as ``hi + lo`` and Delta.
 
-    +inf makes the recomputed P of a padding row ``exp2(s - inf) = 0``, so it adds nothing to dK/dV
-    without a row mask. A -inf LSE (a row that saw no key) is read as +inf too: the causal mask
-    already zeroes every P entry of such a row, and this keeps P finite (0, not ``exp2(+inf)``) before
-    the mask is applied.
+    The probabilities are recomputed as ``exp2(fma(q.k, qk_scale, -hi) - lo)``: ``hi = fl(LSE * log2 e)``
+    as the forward computed it and ``lo`` its stored residual, so P is as exact as the forward's however
+    large the logits (a single rounded LSE would cost up to 2^-8 relative at logits near 1e5).
+    Padding rows read LSE = +inf, lo = 0, Delta = 0: +inf makes the recomputed P of a padding row
+    ``exp2(-inf) = 0``, so it adds nothing to dK/dV without a row mask. A -inf LSE (a row that saw no
+    key) is read as +inf too: the causal mask already zeroes every P entry of such a row, and this keeps
+    P finite (0, not ``exp2(+inf)``) before the mask is applied.
     """
     valid = offs < rows
     lse = tl.load(LSE_blk + offs * stride_lm, mask=valid, other=float("inf")).to(ACC_DTYPE)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    hi = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    lo = tl.load(LSE_LO_blk + offs * stride_lm, mask=valid, other=0.0).to(ACC_DTYPE)
     delta = tl.load(DELTA_blk + offs * stride_dem, mask=valid, other=0.0).to(ACC_DTYPE)
-    return lse2, delta
+    return hi, lo, delta
 
 
 @triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET"])
 def _attn_bwd_dkdv_kernel(
     # pointers
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, LSE_LO, DELTA, DK, DV,
     # scalars
     SM_SCALE: "fp64",
     # sizes
@@ -590,6 +611,7 @@ def _attn_bwd_dkdv_kernel(
     Q_b = Q + b * stride_qb + h0 * stride_qh
     DO_b = DO + b * stride_dob + h0 * stride_doh
     LSE_b = LSE + b * stride_lb + h0 * stride_lh
+    LSE_LO_b = LSE_LO + b * stride_lb + h0 * stride_lh
     DELTA_b = DELTA + b * stride_deb + h0 * stride_deh
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
@@ -609,11 +631,12 @@ def _attn_bwd_dkdv_kernel(
                       rows, HEAD_D)
         do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
                        rows, HEAD_DV)
-        lse2, delta = _load_row_stats(LSE_b + g * stride_lh + start_m * stride_lm,
-                                      DELTA_b + g * stride_deh + start_m * stride_dem,
-                                      offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        row = g * stride_lh + start_m * stride_lm
+        row_hi, row_lo, delta = _load_row_stats(LSE_b + row, LSE_LO_b + row,
+                                                DELTA_b + g * stride_deh + start_m * stride_dem,
+                                                offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -row_hi[None, :]) - row_lo[None, :])
         if IS_CAUSAL:
             # Key start_n + c is visible to query start_m + r iff c - r <= shift (int32, see _visible).
             shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
@@ -637,7 +660,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse2, delta, K_bh, V_bh, start_m, lo, hi, LK, CAUSAL_OFFSET, qk_scale,
+    dq, q, do, row_hi, row_lo, delta, K_bh, V_bh, start_m, lo, hi, LK, CAUSAL_OFFSET, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
@@ -652,8 +675,8 @@ def _attn_bwd_dq_inner(
         rows = LK - start_n if MASKED else BLOCK_N
         k = load_tile(K_bh + start_n * stride_kn, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
         v = load_tile(V_bh + start_n * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=dq.dtype) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=dq.dtype)
+        p = tl.math.exp2(tl.fma(qk, qk_scale, -row_hi[:, None]) - row_lo[:, None])
         if MASKED:
             # Keys past LK are masked too: their zero K gives s = 0 and exp2(-lse) can overflow.
             visible = _visible(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
@@ -667,7 +690,7 @@ def _attn_bwd_dq_inner(
 @triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET"])
 def _attn_bwd_dq_kernel(
     # pointers
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, LSE_LO, DELTA, DQ,
     # scalars
     SM_SCALE: "fp64",
     # sizes
@@ -711,9 +734,10 @@ def _attn_bwd_dq_kernel(
                   stride_qm, stride_qd, rows, HEAD_D)
     do = load_tile(DO + b * stride_dob + h * stride_doh + start_m * stride_dom, offs_m_local, offs_dv,
                    stride_dom, stride_dod, rows, HEAD_DV)
-    lse2, delta = _load_row_stats(LSE + b * stride_lb + h * stride_lh + start_m * stride_lm,
-                                  DELTA + b * stride_deb + h * stride_deh + start_m * stride_dem,
-                                  offs_m_local, rows, stride_lm, stride_dem, ACC_DTYPE)
+    row = b * stride_lb + h * stride_lh + start_m * stride_lm
+    row_hi, row_lo, delta = _load_row_stats(LSE + row, LSE_LO + row,
+                                            DELTA + b * stride_deb + h * stride_deh + start_m * stride_dem,
+                                            offs_m_local, rows, stride_lm, stride_dem, ACC_DTYPE)
     qk_scale, sm_scale = _scales(SM_SCALE, ACC_DTYPE)
     K_bh = K + b * stride_kb + kvh * stride_kh
     V_bh = V + b * stride_vb + kvh * stride_vh
@@ -721,12 +745,12 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     full, hi = _causal_key_range(start_m, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, K_bh, V_bh, start_m, 0, full, LK, CAUSAL_OFFSET, qk_scale,
+        dq, q, do, row_hi, row_lo, delta, K_bh, V_bh, start_m, 0, full, LK, CAUSAL_OFFSET, qk_scale,
         stride_kn, stride_kd, stride_vn, stride_vd,
         False, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, K_bh, V_bh, start_m, full, hi, LK, CAUSAL_OFFSET, qk_scale,
+        dq, q, do, row_hi, row_lo, delta, K_bh, V_bh, start_m, full, hi, LK, CAUSAL_OFFSET, qk_scale,
         stride_kn, stride_kd, stride_vn, stride_vd,
         True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )

@@ -4,10 +4,19 @@ TRITON_INTERPRET must be set before triton is first imported (its decorators rea
 before any test module imports gradkernels.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
+
+# A private Inductor cache per test session: the shared default (/tmp/torchinductor_<user>) can hold
+# graphs compiled against another checkout's custom-op schemas, which its cache key does not cover.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gradkernels-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 if not torch.cuda.is_available():
     assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", (

@@ -76,9 +76,9 @@ def test_opcheck_attention_bwd(needs):
     q = torch.randn(1, 4, 19, 16, device=DEVICE, dtype=torch.float64)
     k = torch.randn(1, 2, 23, 16, device=DEVICE, dtype=torch.float64)
     v = torch.randn(1, 2, 23, 8, device=DEVICE, dtype=torch.float64)
-    out, lse = custom_ops.attention(q, k, v, 4, 0.25)
+    out, lse, lse_lo = custom_ops.attention_fwd(q, k, v, 4, 0.25)
     g = torch.randn_like(out)
-    torch.library.opcheck(custom_ops.attention_bwd, (g, q, k, v, out, lse, 4, 0.25, *needs))
+    torch.library.opcheck(custom_ops.attention_bwd, (g, q, k, v, out, lse, lse_lo, 4, 0.25, *needs))
 
 
 @pytest.mark.parametrize("offset", [None, -3, 0])

@@ -162,7 +162,43 @@ def _flags(q, d, dv, causal_offset):
     )
 
 
-def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None):
+def _sign_folded(q, scale):
+    """``(q', |scale|)`` with ``softmax(scale * q k^T) = softmax(|scale| * q' k^T)``.
+
+    The kernels take the row maximum of the unscaled scores, which needs a positive scale: a negative
+    scale is folded into Q (``q' = -q``), a zero scale gives ``q' = 0 * q`` (uniform weights; NaN and
+    inf in q still give NaN, as torch's ``(q @ k^T) * 0`` does). Only those rare calls pay the copy.
+    """
+    if scale > 0:
+        return q, scale
+    return (q.neg() if scale < 0 else q * 0.0), (-scale if scale < 0 else 1.0)
+
+
+def split_lse(lse_exact, dtype=torch.float32):
+    """``(lse, lse_lo)`` as the forward kernel writes them, from an exact (fp64) natural-log LSE.
+
+    ``lse`` is the LSE rounded to ``dtype`` and ``lse_lo`` the base-2 residual the backward adds:
+    ``lse2 = fl(lse * log2(e)) + lse_lo``, computed in ``dtype`` as the kernels compute ``fl(...)``.
+    Rows of ``-inf`` give ``lse_lo = 0``. Used where an LSE is produced outside the forward kernel
+    (merging partial results, e.g. ring attention) and then handed to :func:`attention_backward`.
+    """
+    lse = lse_exact.to(dtype)
+    hi = lse * _LOG2E  # in ``dtype``: the kernels' fl(lse * log2 e)
+    lo = torch.where(torch.isfinite(lse), lse_exact.double() * _LOG2E - hi.double(), 0.0)
+    return lse, lo.to(dtype)
+
+
+def exact_lse(lse, lse_lo):
+    """The fp64 natural-log LSE that ``(lse, lse_lo)`` represent (inverse of :func:`split_lse`)."""
+    hi = lse * _LOG2E
+    return torch.where(torch.isfinite(lse), (hi.double() + lse_lo.double()) * _LN2, lse.double())
+
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None, lse_lo=None):
     """Forward of ``softmax(q k^T * scale [+ causal mask]) v`` through ``_attn_fwd_kernel``.
 
     Args:
@@ -171,11 +207,13 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None):
         causal_offset: None (no mask) or int: key j is visible to query i iff ``j <= i + causal_offset``.
         scale: the softmax scale (a Python float; carried into the kernel in fp64).
         out: optional (B, Hq, Lq, Dv) buffer, q's dtype, any strides.
-        lse: optional (B, Hq, Lq) buffer, fp32 (fp64 for fp64 inputs), any strides.
+        lse, lse_lo: optional (B, Hq, Lq) buffers, fp32 (fp64 for fp64 inputs), with the same strides.
 
     Returns:
-        ``(out, lse)``; ``lse`` is the natural-log log-sum-exp of each row's scaled scores, ``-inf``
-        (with an all-zero output row) where a row sees no key.
+        ``(out, lse, lse_lo)``; ``lse`` is the natural-log log-sum-exp of each row's scaled scores,
+        ``-inf`` (with an all-zero output row) where a row sees no key; ``lse_lo`` its base-2 rounding
+        residual (see :func:`split_lse`), which :func:`attention_backward` needs for exact gradients at
+        large logits.
     """
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -183,10 +221,15 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None):
         out = _empty_out(q, dv)
     if lse is None:
         lse = torch.empty((b, h, lq), device=q.device, dtype=lse_dtype(q.dtype))
+    if lse_lo is None:
+        lse_lo = torch.empty_like(lse)
+    if lse_lo.stride() != lse.stride():
+        raise ValueError(f"lse_lo must have the strides of lse {lse.stride()}, got {lse_lo.stride()}")
     if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
+        return out, lse, lse_lo
+    q, scale = _sign_folded(q, scale)
     args = (
-        q, k, v, out, lse, float(scale),
+        q, k, v, out, lse, lse_lo, float(scale),
         h, h // hkv, lq, lk, 0 if causal_offset is None else int(causal_offset),
         K.seqlen_bucket(lq), K.seqlen_bucket(lk),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
@@ -196,15 +239,16 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None):
         return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
     _launch("fwd", K._attn_fwd_kernel, grid, args, _flags(q, d, dv, causal_offset), K.INTERPRETER_FWD_CONFIG)
-    return out, lse
+    return out, lse, lse_lo
 
 
-def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, need_dq=True, need_dk=True,
+def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, *, need_dq=True, need_dk=True,
                        need_dv=True, dq=None, dk=None, dv=None, delta=None):
     """Gradients of :func:`attention_forward` for the ones asked for; P is recomputed from Q, K, LSE.
 
     Args:
-        grad_out: (B, Hq, Lq, Dv), any strides. q, k, v, out, lse: as in and from the forward.
+        grad_out: (B, Hq, Lq, Dv), any strides. q, k, v, out, lse, lse_lo: as in and from the forward
+            (``lse_lo`` with the strides of ``lse``).
         causal_offset, scale: as given to the forward.
         need_dq, need_dk, need_dv: which gradients to compute; the dQ kernel is skipped without dq,
             the dK/dV kernel without dk and dv, and one of its two products without the other.
@@ -238,6 +282,9 @@ def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, nee
             if t is not None:
                 t.zero_()
         return dq, dk, dv
+    if lse_lo.stride() != lse.stride():
+        raise ValueError(f"lse_lo must have the strides of lse {lse.stride()}, got {lse_lo.stride()}")
+    q, kernel_scale = _sign_folded(q, scale)
 
     if delta is None:
         delta = torch.empty((b, h, lq), device=q.device, dtype=lse_dtype(q.dtype))
@@ -251,7 +298,7 @@ def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, nee
     flags = _flags(q, d, dvdim, causal_offset)
     flags["INPUT_PRECISION"] = K.backward_precision(flags["INPUT_PRECISION"], d, dvdim)
     offset = 0 if causal_offset is None else int(causal_offset)
-    common = (float(scale),)
+    common = (float(kernel_scale),)
     sizes_tail = (lq, lk, offset, K.seqlen_bucket(lq), K.seqlen_bucket(lk))
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *delta.stride())
 
@@ -259,7 +306,7 @@ def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, nee
         # A skipped gradient's pointer is never read (COMPUTE_DK/DV = False): pass the other buffer.
         dk_buf = dk if dk is not None else dv
         dv_buf = dv if dv is not None else dk
-        args = (q, k, v, grad_out, lse, delta, dk_buf, dv_buf, *common, hkv, h // hkv, *sizes_tail,
+        args = (q, k, v, grad_out, lse, lse_lo, delta, dk_buf, dv_buf, *common, hkv, h // hkv, *sizes_tail,
                 *in_strides, *dk_buf.stride(), *dv_buf.stride())
 
         def grid_kv(meta):
@@ -273,10 +320,13 @@ def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, nee
             _launch("dkdv", K._attn_bwd_dkdv_kernel, grid_kv, args,
                     dict(flags, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv), K.INTERPRETER_BWD_CONFIG)
     if need_dq:
-        args = (q, k, v, grad_out, lse, delta, dq, *common, h, h // hkv, *sizes_tail, *in_strides, *dq.stride())
+        args = (q, k, v, grad_out, lse, lse_lo, delta, dq, *common, h, h // hkv, *sizes_tail, *in_strides,
+                *dq.stride())
 
         def grid_q(meta):
             return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
         _launch("dq", K._attn_bwd_dq_kernel, grid_q, args, flags, K.INTERPRETER_BWD_CONFIG)
+        if scale <= 0:  # dQ of the folded q' = sign * q (see _sign_folded)
+            dq.neg_() if scale < 0 else dq.zero_()
     return dq, dk, dv
