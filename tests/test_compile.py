@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gradkernels import custom_ops, functional, patching
 from gradkernels.autograd import AttentionFunction, LinearFunction
-from gradkernels.testing import TinyLM, TinyLMConfig, make_batches
+from gradkernels.models import TinyLM, TinyLMConfig, make_batches
 
 from utils import DEVICE, check_against
 

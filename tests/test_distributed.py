@@ -21,7 +21,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     # A worker started by hand: the interpreter must be chosen before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from gradkernels.testing import TinyLM, TinyLMConfig, make_batches
+from gradkernels.models import TinyLM, TinyLMConfig, make_batches
 
 WORLD = 2
 BATCH, SEQ = 4, 15  # each rank gets BATCH // WORLD sequences

@@ -1,6 +1,6 @@
 """End-to-end: a small transformer LM trained 20 AdamW steps plain and patched, from the same seed.
 
-The model (gradkernels.testing.TinyLM: 2 layers, d_model 64, 4 query heads on 2 KV heads, causal) is
+The model (gradkernels.models.TinyLM: 2 layers, d_model 64, 4 query heads on 2 KV heads, causal) is
 plain PyTorch; gradkernels.patch swaps its Linear layers and routes its SDPA calls to the kernels.
 
 Tolerance, derived rather than tuned: the patched run's loss is compared with an fp64 run of the plain
@@ -27,7 +27,7 @@ import torch
 from gradkernels import patching
 from gradkernels.ops import attention as attention_ops
 from gradkernels.ops import linear as linear_ops
-from gradkernels.testing import TinyLM, TinyLMConfig, make_batches, train_losses
+from gradkernels.models import TinyLM, TinyLMConfig, make_batches, train_losses
 
 from utils import DEVICE, ON_GPU
 

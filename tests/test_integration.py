@@ -16,7 +16,7 @@ from gradkernels import patching
 from gradkernels import reference
 from gradkernels.ops import attention as attention_ops
 from gradkernels.nn import Linear as GKLinear
-from gradkernels.testing import TinyLM, TinyLMConfig, make_batches
+from gradkernels.models import TinyLM, TinyLMConfig, make_batches
 
 from utils import DEVICE, ON_GPU, check_against
 
