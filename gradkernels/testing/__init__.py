@@ -70,7 +70,8 @@ class Check:
     nearest its limit (``worst_allowed = factor * base + floor`` there). ``ratio`` = allowed / error at
     that element (the margin: > 1 passes), ``floor_ratio`` the smallest floor / error over all elements
     (how far the floor alone covers the error). ``floor_kind``: ``"bound"`` (an operation bound) or
-    ``"magnitude"`` (:func:`magnitude_floor`).
+    ``"magnitude"`` (:func:`magnitude_floor`). ``allowed_at_max``: what was allowed where the error is
+    largest. ``magnitude_ratio``: the margin the former rule (``floor=None``) would have had there.
     """
 
     name: str
@@ -84,10 +85,12 @@ class Check:
     worst_allowed: float
     worst_floor: float
     worst_index: tuple
+    allowed_at_max: float
     ratio: float
     floor_ratio: float
     ok: bool
     problem: str = ""
+    magnitude_ratio: float = math.nan
 
     @property
     def message(self) -> str:
@@ -102,7 +105,7 @@ class Check:
 
 def _failed(name, ours, factor, kind, problem) -> Check:
     return Check(name, str(ours.dtype).replace("torch.", ""), tuple(ours.shape), factor, kind, math.nan,
-                 math.nan, math.nan, math.nan, math.nan, (), 0.0, 0.0, False, problem)
+                 math.nan, math.nan, math.nan, math.nan, (), math.nan, 0.0, 0.0, False, problem)
 
 
 def compare(ours: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, factor: float, *,
@@ -134,7 +137,7 @@ def compare(ours: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, factor: f
     allowed = factor * base + floor_t
     if err.numel() == 0:
         return Check(name, str(ours.dtype).replace("torch.", ""), tuple(ours.shape), factor, kind, 0.0, base,
-                     0.0, 0.0, 0.0, (), math.inf, math.inf, True)
+                     0.0, 0.0, 0.0, (), 0.0, math.inf, math.inf, True)
     # The element nearest its limit: the largest err / allowed (err > 0 against allowed 0 is infinite).
     use = torch.where(err > 0, err / allowed, torch.zeros_like(err))
     flat = int(use.reshape(-1).argmax())
@@ -146,9 +149,14 @@ def compare(ours: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, factor: f
     ratio = math.inf if top == 0 else 1 / top
     floor_use = torch.where(err > 0, err / floor_t, torch.zeros_like(err)).max().item()
     floor_ratio = math.inf if floor_use == 0 else 1 / floor_use
+    at_max = int(err.reshape(-1).argmax())
+    largest = err.reshape(-1)[at_max].item()
+    old = factor * base + magnitude_floor(ref64, ours.dtype)
+    magnitude_ratio = math.inf if largest == 0 else old / largest
     ok = bool((err <= allowed).all())
-    return Check(name, str(ours.dtype).replace("torch.", ""), tuple(ours.shape), factor, kind,
-                 err.max().item(), base, worst_err, worst_allowed, worst_floor, index, ratio, floor_ratio, ok)
+    return Check(name, str(ours.dtype).replace("torch.", ""), tuple(ours.shape), factor, kind, largest, base,
+                 worst_err, worst_allowed, worst_floor, index, allowed.reshape(-1)[at_max].item(), ratio,
+                 floor_ratio, ok, magnitude_ratio=magnitude_ratio)
 
 
 def assert_close(ours: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, factor: float,
@@ -188,7 +196,7 @@ def _append(entry: dict) -> None:
 def _log(check: Check) -> None:
     if os.environ.get(MARGIN_LOG_ENV):
         entry = {"test": _current_test(), **asdict(check)}
-        for key in ("ratio", "floor_ratio"):
+        for key in ("ratio", "floor_ratio", "magnitude_ratio"):
             if math.isinf(entry[key]):
                 entry[key] = None  # JSON has no infinity: None = no error at all
         _append(entry)
@@ -201,5 +209,5 @@ def record_margin(name: str, dtype: torch.dtype, err: float, allowed: float, flo
     ratio = None if err == 0 else allowed / err
     _append({"test": _current_test(), "name": name, "dtype": str(dtype).replace("torch.", ""), "shape": [],
              "factor": None, "floor_kind": floor_kind, "err": err, "base": None, "worst_err": err,
-             "worst_allowed": allowed, "worst_floor": None, "worst_index": [], "ratio": ratio,
+             "worst_allowed": allowed, "worst_floor": None, "worst_index": [], "allowed_at_max": allowed, "ratio": ratio,
              "floor_ratio": None, "ok": err <= allowed, "problem": ""})
