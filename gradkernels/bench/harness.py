@@ -5,7 +5,7 @@ Shape of it (tritonbench / Liger's benchmark utilities, rewritten small):
 - A suite (``linear``, ``attention``) registers *providers* on a :class:`Registry`, one flagged
   ``baseline=True``; a provider is a function ``(case, inputs) -> output`` that runs the forward.
 - A *case* (a dataclass of the suite) knows its shape fields, its FLOPs per mode, how to make inputs
-  and how to compute the fp64 reference.
+  and its reference (``oracle()``: high-precision reference and rounding-error bounds).
 - :func:`run_timing` times every provider on every case in the modes ``fwd``, ``bwd``, ``fwd+bwd`` with
   CUDA events through ``triton.testing.do_bench`` (median with 20th/80th percentiles; do_bench zeroes
   a 256 MB buffer before every repetition, so inputs never sit in L2 across repetitions).

@@ -26,6 +26,8 @@ reductions need the extra precision, the elementwise error is part of the bound.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 
@@ -68,6 +70,30 @@ def _check_method(how: str | None, dtype: torch.dtype) -> str:
     if how == "longdouble" and not _longdouble_is_wider():
         raise ValueError("method='longdouble' needs a numpy.longdouble wider than double")
     return how
+
+
+def one_thread(fn):
+    """Run ``fn`` with one intra-op thread for CPU inputs: the bounds and the references' torch parts are many small elementwise ops, for
+    which thread hand-offs cost more than the work (50x slower with 2 threads on a loaded 2-core
+    machine). The caller's setting is restored."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        on_cpu = all(t.device.type == "cpu" for t in args if isinstance(t, torch.Tensor))
+        with _threads(1) if on_cpu else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,6 +182,7 @@ def _activation_and_grad(pre: torch.Tensor, activation, grad_out):
     return y.detach(), g
 
 
+@one_thread
 def linear_reference(x, weight, bias=None, activation=None, grad_out=None, *, pre=None,
                      method: str | None = None) -> dict:
     """``act(x @ W^T + b)``, its pre-activation and gradients, more precisely than ``x.dtype``.
@@ -221,6 +248,7 @@ def visible_keys(lq: int, lk: int, offset: int | None, device=None) -> torch.Ten
     return j <= i + offset
 
 
+@one_thread
 def attention_reference(q, k, v, grad_out=None, *, causal: bool = False, align: str = "bottom_right",
                         scale: float | None = None, method: str | None = None) -> dict:
     """``softmax(q k^T * scale) v``, its natural-log LSE and gradients, more precisely than q's dtype.
