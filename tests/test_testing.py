@@ -194,6 +194,22 @@ def test_attention_bound_holds_in_every_summation_order():
             assert check.ratio >= 4 and check.floor_ratio >= 4, check.message
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1 / 3])
+def test_attention_reference_and_bound_for_any_scale(scale):
+    """Negative and zero scales too: torch's fp64 composition (a correct computation in another order)
+    passes against the reference with the floor, and the floor is non-negative."""
+    q, k, v = torch.randn(1, 2, 19, 24, dtype=F64), torch.randn(1, 1, 23, 24, dtype=F64), torch.randn(1, 1, 23, 8, dtype=F64)
+    do = torch.randn(1, 2, 19, 8, dtype=F64)
+    ref = testing.attention_reference(q, k, v, do, causal=True, scale=scale)
+    floor = testing.attention_bounds(q, k, v, do, causal=True, scale=scale)
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out, lse = reference.standard_attention(qq, kk, vv, True, scale, return_lse=True)
+    got = dict(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (qq, kk, vv), do)), out=out.detach(), lse=lse)
+    for key, value in got.items():
+        assert (floor[key] >= 0).all(), key
+        assert_close(value, value, ref[key], 0, key, floor=floor[key])  # factor 0: the floor alone
+
+
 # ----------------------------------------------------------------------------------------------------
 # Small deliberate errors fail the rule
 # ----------------------------------------------------------------------------------------------------
@@ -369,7 +385,8 @@ def test_activation_constants_and_evaluation_errors(act):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_compare_reports_what_failed():
+def test_compare_reports_what_failed(monkeypatch):
+    monkeypatch.delenv(testing.MARGIN_LOG_ENV, raising=False)  # a deliberate failure is no margin
     ref = torch.linspace(1, 2, 12, dtype=F64).reshape(3, 4)
     same = ref.float()
     assert testing.compare(ref.float(), same, ref, 2, floor=1e-7).ok

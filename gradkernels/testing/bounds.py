@@ -341,7 +341,7 @@ def _attention_errors(pr: Precision, q, k, v, do, scale: float, visible, group: 
     out = p @ v
 
     # Scores: the product, and the roundings of scale * log2(e) and of the scaling.
-    delta = torch.where(visible, scale * reduction_error(pr, q, kt) + 3 * ue * s_f.abs(), zero)
+    delta = torch.where(visible, abs(scale) * reduction_error(pr, q, kt) + 3 * ue * s_f.abs(), zero)
     # Online softmax: up to one rescaling per 16-key block, each rounding acc and l and carrying the
     # exp2 of a max difference (at most the row's score range) into every earlier weight.
     blocks = math.ceil(lk / 16) + 1
@@ -385,8 +385,8 @@ def _attention_errors(pr: Precision, q, k, v, do, scale: float, visible, group: 
     rows = group * (lq + 1)  # dK/dV: one accumulation over every query row of the GQA group
     pt, dst = p.transpose(-2, -1), ds.transpose(-2, -1)
     dq, dk, dv = scale * (ds @ k), scale * (dst @ q), pt @ do
-    e_dq = scale * (propagate(pr, e_ds, k) + rounding_error(pr, us, ds, k) + reduction_error(pr, ds, k))
-    e_dk = scale * (propagate(pr, e_ds.transpose(-2, -1), q) + rounding_error(pr, us, dst, q)
+    e_dq = abs(scale) * (propagate(pr, e_ds, k) + rounding_error(pr, us, ds, k) + reduction_error(pr, ds, k))
+    e_dk = abs(scale) * (propagate(pr, e_ds.transpose(-2, -1), q) + rounding_error(pr, us, dst, q)
                     + reduction_error(pr, dst, q, rows))
     e_dv = propagate(pr, e_p.transpose(-2, -1), do) + rounding_error(pr, us, pt, do) + reduction_error(pr, pt, do, rows)
     e_dk, e_dv, dk, dv = (_group_sum(x, group) for x in (e_dk, e_dv, dk, dv))
