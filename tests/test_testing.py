@@ -198,7 +198,8 @@ def test_attention_bound_holds_in_every_summation_order():
 def test_attention_reference_and_bound_for_any_scale(scale):
     """Negative and zero scales too: torch's fp64 composition (a correct computation in another order)
     passes against the reference with the floor, and the floor is non-negative."""
-    q, k, v = torch.randn(1, 2, 19, 24, dtype=F64), torch.randn(1, 1, 23, 24, dtype=F64), torch.randn(1, 1, 23, 8, dtype=F64)
+    q, k = torch.randn(1, 2, 19, 24, dtype=F64), torch.randn(1, 1, 23, 24, dtype=F64)
+    v = torch.randn(1, 1, 23, 8, dtype=F64)
     do = torch.randn(1, 2, 19, 8, dtype=F64)
     ref = testing.attention_reference(q, k, v, do, causal=True, scale=scale)
     floor = testing.attention_bounds(q, k, v, do, causal=True, scale=scale)

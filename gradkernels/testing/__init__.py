@@ -209,5 +209,6 @@ def record_margin(name: str, dtype: torch.dtype, err: float, allowed: float, flo
     ratio = None if err == 0 else allowed / err
     _append({"test": _current_test(), "name": name, "dtype": str(dtype).replace("torch.", ""), "shape": [],
              "factor": None, "floor_kind": floor_kind, "err": err, "base": None, "worst_err": err,
-             "worst_allowed": allowed, "worst_floor": None, "worst_index": [], "allowed_at_max": allowed, "ratio": ratio,
+             "worst_allowed": allowed, "worst_floor": None, "worst_index": [], "allowed_at_max": allowed,
+             "ratio": ratio,
              "floor_ratio": None, "ok": err <= allowed, "problem": ""})

@@ -73,9 +73,9 @@ def _check_method(how: str | None, dtype: torch.dtype) -> str:
 
 
 def one_thread(fn):
-    """Run ``fn`` with one intra-op thread for CPU inputs: the bounds and the references' torch parts are many small elementwise ops, for
-    which thread hand-offs cost more than the work (50x slower with 2 threads on a loaded 2-core
-    machine). The caller's setting is restored."""
+    """Run ``fn`` with one intra-op thread for CPU inputs: the bounds and the references' torch parts
+    are many small elementwise ops, for which thread hand-offs cost more than the work (50x slower with
+    2 threads on a loaded 2-core machine). The caller's setting is restored."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
