@@ -4,7 +4,7 @@
     python bench/train_step.py --seq-lens 1024,4096 --tokens 32768 --dtype bf16
     python bench/train_step.py --smoke               # CPU: one tiny step per provider, no timings
 
-Model: ``gradkernels.testing.TinyLM`` with the end-to-end test's sizes (2 layers, d_model 64, 4 query
+Model: ``gradkernels.models.TinyLM`` with the end-to-end test's sizes (2 layers, d_model 64, 4 query
 heads on 2 KV heads, causal), ``max_seq_len`` raised to the longest length; AdamW; mixed precision as
 it is trained in practice (fp32 parameters, ``torch.autocast`` in ``--dtype``; ``fp32`` means no
 autocast).
@@ -88,7 +88,7 @@ def _model(provider, seq_len, device, seed=0):
     import torch
 
     from gradkernels import patching
-    from gradkernels.testing import TinyLM, TinyLMConfig
+    from gradkernels.models import TinyLM, TinyLMConfig
 
     cfg = TinyLMConfig(max_seq_len=seq_len, attn_impl="naive" if provider == "torch-naive" else "sdpa")
     torch.manual_seed(seed)
@@ -118,7 +118,7 @@ def _measure(provider, seq_len, batch, args, autocast_dtype):
     """One (provider, L) measurement on the GPU."""
     import torch
 
-    from gradkernels.testing import make_batches
+    from gradkernels.models import make_batches
 
     model, cfg = _model(provider, seq_len, "cuda")
     step = _step_fn(model, autocast_dtype, "cuda")
@@ -173,7 +173,7 @@ def run_smoke(providers):
     (after one AdamW update, so forward, backward and the update all count) is compared."""
     import torch
 
-    from gradkernels.testing import make_batches
+    from gradkernels.models import make_batches
 
     seq_len, batch = 16, 2
     results = []

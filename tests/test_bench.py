@@ -222,7 +222,7 @@ def test_run_check_fails_a_wrong_kernel_and_passes_a_right_one():
     rows = {r.provider: r for r in harness.run_check("toy", [case], reg.providers, "cpu")}
     assert rows["torch"].status == "ok (oracle)"
     assert rows["upcast"].status == "ok", rows["upcast"]
-    assert rows["off"].status.startswith("failed: output error"), rows["off"]
+    assert rows["off"].status.startswith("failed: output: error"), rows["off"]
     assert rows["off"].max_err > rows["off"].err_bound
 
 

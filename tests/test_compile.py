@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from gradkernels import custom_ops, functional, patching
 from gradkernels.autograd import AttentionFunction, LinearFunction
-from gradkernels.testing import TinyLM, TinyLMConfig, make_batches
+from gradkernels.models import TinyLM, TinyLMConfig, make_batches
 
-from utils import DEVICE, check_against
+from utils import DEVICE, assert_close
 
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
 
@@ -155,6 +155,6 @@ def test_compile_fullgraph_patched_model(compile_wiring, count_launches):
 
     # 13 Linear layers and 2 attention layers, once each in the compiled forward.
     assert count_launches == {"linear": 13, "attention": 2}, count_launches
-    check_against(out_o, out_t, out_r, 2, "logits")
+    assert_close(out_o, out_t, out_r, 2, "logits")
     for name in g_r:
-        check_against(g_o[name], g_t[name], g_r[name], 3, f"grad {name}")
+        assert_close(g_o[name], g_t[name], g_r[name], 3, f"grad {name}")

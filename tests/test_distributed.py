@@ -21,7 +21,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     # A worker started by hand: the interpreter must be chosen before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from gradkernels.testing import TinyLM, TinyLMConfig, make_batches
+from gradkernels.models import TinyLM, TinyLMConfig, make_batches
 
 WORLD = 2
 BATCH, SEQ = 4, 15  # each rank gets BATCH // WORLD sequences
@@ -148,7 +148,7 @@ def _reference_grads():
 
 def test_patched_model_gradients_match_single_process(distributed_grads):
     """One test for both wrappers: the two worker processes are started once (about 10 s)."""
-    from utils import check_against
+    from utils import assert_close
 
     assert distributed_grads["backend"] in ("interpreter", "triton")
     torch_fp32, ref = _reference_grads()
@@ -159,7 +159,7 @@ def test_patched_model_gradients_match_single_process(distributed_grads):
         assert distributed_grads[f"{wrapper}_attention_launches"] == TinyLMConfig().n_layers
         assert set(got) == set(ref)
         for name in ref:
-            check_against(got[name], torch_fp32[name], ref[name], 3, f"{wrapper} grad {name}")
+            assert_close(got[name], torch_fp32[name], ref[name], 3, f"{wrapper} grad {name}")
 
 
 if __name__ == "__main__":

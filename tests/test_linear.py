@@ -1,4 +1,9 @@
-"""Fused linear layer: forward and every gradient against an fp64 reference (two-oracle check)."""
+"""Fused linear layer: forward and every gradient against a high-precision reference (two-oracle check).
+
+The rule is gradkernels.testing's: |ours - ref| <= 2 (3 for gradients) x torch's own error in the same dtype
++ the operation's rounding-error bound (testing.linear_bounds); the reference is fp64, or extended precision
+for fp64 inputs (testing.linear_reference).
+"""
 
 import pytest
 import torch
@@ -7,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradkernels
-from gradkernels import reference
+from gradkernels import reference, testing
 from gradkernels.ops import linear as linear_ops
-from utils import DEVICE, DTYPES, ON_GPU, check_against
+from utils import DEVICE, DTYPES, ON_GPU, assert_close
 
 ACTS = [None, "relu", "gelu", "gelu_tanh", "silu"]
 
@@ -36,7 +41,7 @@ def _run(fn, x, w, b, grad):
 
 
 def check_linear(x, w, b, act, grad=None):
-    """ours vs fp64 reference, with torch's same-dtype unfused path as the second oracle."""
+    """ours vs the reference, with torch's same-dtype unfused path as the second oracle."""
     ours_y = gradkernels.linear(x, w, b, act)
     grad = torch.randn_like(ours_y) if grad is None else grad
 
@@ -46,16 +51,14 @@ def check_linear(x, w, b, act, grad=None):
     def torch_same(x_, w_, b_):
         return reference.activation_fn(F.linear(x_, w_, b_), act)
 
-    def ref64(x_, w_, b_):
-        return reference.activation_fn(F.linear(x_.double(), w_.double(), None if b_ is None else b_.double()), act)
-
     y, g = _run(ours, x, w, b, grad)
     y_t, g_t = _run(torch_same, x, w, b, grad)
-    y_r, g_r = _run(ref64, x, w, b, grad.double())
-    check_against(y, y_t, y_r, 2, "output")
+    ref = testing.linear_reference(x, w, b, act, grad)
+    floor = testing.linear_bounds(x, w, b, act, grad)
+    assert_close(y, y_t, ref["out"], 2, "output", floor=floor["out"])
     names = [n for n, t in zip(("dx", "dw", "db"), (x, w, b)) if t is not None and t.requires_grad]
-    for name, a, a_t, a_r in zip(names, g, g_t, g_r):
-        check_against(a, a_t, a_r, 3, name)
+    for name, a, a_t in zip(names, g, g_t):
+        assert_close(a, a_t, ref[name], 3, name, floor=floor[name])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -142,10 +145,11 @@ def test_partial_gradients(which):
 def test_split_k_forward(split, dtype):
     x, w, b = _inputs((19, 700), 45, dtype, requires_grad=False)
     out, pre = linear_ops.linear_forward(x, w, b, "gelu", True, split=split)
-    ref_pre = F.linear(x.double(), w.double(), b.double())
+    ref = testing.linear_reference(x, w, b, "gelu")
+    floor = testing.linear_bounds(x, w, b, "gelu")
     pre_t = F.linear(x, w, b)
-    check_against(pre, pre_t, ref_pre, 2, "pre-activation")
-    check_against(out, F.gelu(pre_t), F.gelu(ref_pre), 2, "output")
+    assert_close(pre, pre_t, ref["pre"], 2, "pre-activation", floor=floor["pre"])
+    assert_close(out, F.gelu(pre_t), ref["out"], 2, "output", floor=floor["out"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -155,11 +159,12 @@ def test_split_dw_and_bias_grad(dtype):
     grad = torch.randn(1100, 20, device=DEVICE, dtype=dtype)
     pre = F.linear(x, w)
     dx, dw, db = linear_ops.linear_backward(grad, x, w, pre, "silu", True, True, True, split=4)
-    g = grad.double() * torch.func.grad(lambda p: F.silu(p).sum())(pre.double())
+    ref = testing.linear_reference(x, w, None, "silu", grad, pre=pre)
+    floor = testing.linear_bounds(x, w, None, "silu", grad, pre=pre)
     g_t = grad * torch.func.grad(lambda p: F.silu(p).sum())(pre)
-    check_against(dw, g_t.t() @ x, g.t() @ x.double(), 3, "dw")
-    check_against(db, g_t.sum(0), g.sum(0), 3, "db")
-    check_against(dx, g_t @ w, g @ w.double(), 3, "dx")
+    assert_close(dw, g_t.t() @ x, ref["dw"], 3, "dw", floor=floor["dw"])
+    assert_close(db, g_t.sum(0), ref["db"], 3, "db", floor=floor["db"])
+    assert_close(dx, g_t @ w, ref["dx"], 3, "dx", floor=floor["dx"])
 
 
 def test_deterministic():
@@ -219,13 +224,15 @@ def test_autocast(dtype):
         y, grads = _run(lambda *a: gradkernels.linear(*a, "gelu"), x, w, b, torch.ones(17, 23, device=DEVICE))
         y_t, grads_t = _run(lambda *a: F.gelu(F.linear(*a)), x, w, b, torch.ones(17, 23, device=DEVICE))
     assert y.dtype == dtype == y_t.dtype
-    y_r, grads_r = _run(lambda x_, w_, b_: F.gelu(F.linear(x_.to(dtype).double(), w_.to(dtype).double(),
-                                                           b_.to(dtype).double())),
-                        x, w, b, torch.ones(17, 23, device=DEVICE, dtype=torch.float64))
-    check_against(y, y_t, y_r, 2, "output")
-    for name, a, a_t, a_r in zip(("dx", "dw", "db"), grads, grads_t, grads_r):
+    # The kernels see the inputs cast to the autocast dtype; the gradients' cast back to fp32 is exact.
+    cast = [t.detach().to(dtype) for t in (x, w, b)]
+    ones = torch.ones(17, 23, device=DEVICE, dtype=dtype)
+    ref = testing.linear_reference(*cast, "gelu", ones)
+    floor = testing.linear_bounds(*cast, "gelu", ones)
+    assert_close(y, y_t, ref["out"], 2, "output", floor=floor["out"])
+    for name, a, a_t in zip(("dx", "dw", "db"), grads, grads_t):
         assert a.dtype == torch.float32  # gradients flow back to the fp32 leaves
-        check_against(a, a_t, a_r.float(), 3, name)
+        assert_close(a, a_t, ref[name], 3, name, floor=floor[name])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,7 +248,10 @@ def test_module_state_dict_round_trip():
     fresh = torch.nn.Linear(40, 24, device=DEVICE, dtype=torch.float64)
     ours.load_state_dict(fresh.state_dict())
     x = torch.randn(5, 40, device=DEVICE, dtype=torch.float64)
-    torch.testing.assert_close(ours(x), F.gelu(fresh(x)), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        ref = testing.linear_reference(x, fresh.weight, fresh.bias, "gelu")["out"]
+        floor = testing.linear_bounds(x, fresh.weight, fresh.bias, "gelu")["out"]
+        assert_close(ours(x), F.gelu(fresh(x)), ref, 2, floor=floor)
     assert isinstance(ours, torch.nn.Linear)
     assert "activation='gelu'" in repr(ours)
 
@@ -250,7 +260,9 @@ def test_module_no_bias():
     m = gradkernels.nn.Linear(16, 8, bias=False, device=DEVICE, dtype=torch.float64)
     assert m.bias is None and set(m.state_dict()) == {"weight"}
     x = torch.randn(3, 16, device=DEVICE, dtype=torch.float64)
-    torch.testing.assert_close(m(x), x @ m.weight.t(), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        ref = testing.linear_reference(x, m.weight)["out"]
+        assert_close(m(x), x @ m.weight.t(), ref, 2, floor=testing.linear_bounds(x, m.weight)["out"])
 
 
 def test_from_linear_shares_parameters():
@@ -260,7 +272,10 @@ def test_from_linear_shares_parameters():
     x = torch.randn(6, 12, device=DEVICE, dtype=torch.float64)
     m(x).sum().backward()
     assert base.weight.grad is not None
-    torch.testing.assert_close(base.weight.grad, (F.relu(base(x)) > 0).double().t() @ x)
+    ones = torch.ones(6, 10, device=DEVICE, dtype=torch.float64)
+    ref = testing.linear_reference(x, base.weight, base.bias, "relu", ones)["dw"]
+    floor = testing.linear_bounds(x, base.weight, base.bias, "relu", ones)["dw"]
+    assert_close(base.weight.grad, (F.relu(base(x)) > 0).double().t() @ x, ref, 3, "dw", floor=floor)
     with pytest.raises(TypeError, match="module must be a torch.nn.Linear"):
         gradkernels.nn.Linear.from_linear(torch.nn.ReLU())
 
@@ -306,5 +321,5 @@ def test_int64_offsets():
     w = torch.randn(64, k, device="cuda", dtype=torch.float16) / k**0.5
     y = gradkernels.linear(x, w)
     rows = torch.tensor([0, m // 2, m - 1], device="cuda")
-    ref = x[rows].double() @ w.double().t()
-    check_against(y[rows], (x[rows] @ w.t()), ref, 2, "last rows")
+    ref = testing.linear_reference(x[rows], w)["out"]
+    assert_close(y[rows], (x[rows] @ w.t()), ref, 2, "last rows", floor=testing.linear_bounds(x[rows], w)["out"])

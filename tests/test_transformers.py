@@ -13,7 +13,7 @@ import torch
 from gradkernels import patching
 from gradkernels.ops import attention as attention_ops
 
-from utils import DEVICE, check_against
+from utils import DEVICE, assert_close
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is an optional extra (gradkernels[transformers])"
@@ -66,10 +66,10 @@ def _compare(results, valid=None):
     (lo, go), (lt, gt), (lr, gr) = results
     if valid is not None:  # padded query rows are not defined the same way by eager and SDPA masks
         lo, lt, lr = lo[valid], lt[valid], lr[valid]
-    check_against(lo, lt, lr, 2, "logits")
+    assert_close(lo, lt, lr, 2, "logits")
     assert set(go) == set(gr)
     for name in gr:
-        check_against(go[name], gt[name], gr[name], 3, f"grad {name}")
+        assert_close(go[name], gt[name], gr[name], 3, f"grad {name}")
 
 
 def test_llama_causal_no_padding_runs_on_kernels(attn_launches):
@@ -104,7 +104,7 @@ def test_llama_decode_step_with_kv_cache(attn_launches):
             cache = m(input_ids=ids[:, :-1], use_cache=True).past_key_values
             logits.append(m(input_ids=ids[:, -1:], use_cache=True, **{cache_arg: cache}).logits)
     assert attn_launches == [(23, 23, 0)] * N_LAYERS + [(1, 24, None)] * N_LAYERS
-    check_against(logits[0], logits[1], logits[2], 2, "decode logits")
+    assert_close(logits[0], logits[1], logits[2], 2, "decode logits")
 
 
 def test_unsupported_features_are_refused():

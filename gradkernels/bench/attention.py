@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+from .. import reference, testing
 from .._device import backend_for
 from .flops import attention_flops
 from .harness import Registry, Unavailable
@@ -65,8 +65,18 @@ class AttentionCase:
         return torch.randn(self.B, self.H, self.L, self.D, device=device, dtype=self.dtype)
 
     def reference(self, inputs: dict) -> torch.Tensor:
-        """Composed torch ops on the (fp64) inputs: the oracle of the correctness check."""
+        """Composed torch ops on the (fp64) inputs: the textbook computation."""
         return reference.standard_attention(inputs["q"], inputs["k"], inputs["v"], causal=self.causal)
+
+    def oracle(self, inputs: dict, dout: torch.Tensor):
+        """(output, {input name: gradient}, floors) for the correctness check: ``gradkernels.testing``'s
+        high-precision reference and rounding-error bounds (floors keyed like the gradients, "out")."""
+        args = (inputs["q"], inputs["k"], inputs["v"], dout)
+        ref = testing.attention_reference(*args, causal=self.causal)
+        bound = testing.attention_bounds(*args, causal=self.causal)
+        keys = {"q": "dq", "k": "dk", "v": "dv"}
+        return (ref["out"], {k: ref[v] for k, v in keys.items()},
+                {"out": bound["out"], **{k: bound[v] for k, v in keys.items()}})
 
 
 def gradkernels_attention():

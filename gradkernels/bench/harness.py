@@ -5,12 +5,14 @@ Shape of it (tritonbench / Liger's benchmark utilities, rewritten small):
 - A suite (``linear``, ``attention``) registers *providers* on a :class:`Registry`, one flagged
   ``baseline=True``; a provider is a function ``(case, inputs) -> output`` that runs the forward.
 - A *case* (a dataclass of the suite) knows its shape fields, its FLOPs per mode, how to make inputs
-  and how to compute the fp64 reference.
+  and its reference (``oracle()``: high-precision reference and rounding-error bounds).
 - :func:`run_timing` times every provider on every case in the modes ``fwd``, ``bwd``, ``fwd+bwd`` with
   CUDA events through ``triton.testing.do_bench`` (median with 20th/80th percentiles; do_bench zeroes
   a 256 MB buffer before every repetition, so inputs never sit in L2 across repetitions).
-- :func:`run_check` compares every provider against an fp64 reference; the gradkernels providers must be
-  within 2x (outputs) / 3x (gradients) of torch's own error in the same dtype, plus one rounding unit.
+- :func:`run_check` compares every provider against a high-precision reference; the gradkernels
+  providers must pass :mod:`gradkernels.testing`'s rule, the test suite's: within 2x (outputs) / 3x
+  (gradients) of torch's own error in the same dtype plus the operation's rounding-error bound (a case's
+  ``oracle()`` gives reference and bounds; fp64 references in extended precision).
 - Nothing a provider does takes the run down: unavailable -> ``unavailable: why``, an exception ->
   ``failed: why``, CUDA out of memory -> ``oom``. Every outcome is a :class:`Row`.
 """
@@ -28,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .. import testing
 from .flops import MODES, tflops
 
 QUANTILES = (0.5, 0.2, 0.8)
@@ -351,18 +354,8 @@ def _fill_speedups(case_rows: list[Row]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Correctness against fp64
+# Correctness: gradkernels.testing's rule
 # ----------------------------------------------------------------------------------------------------
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """One rounding unit at the reference's magnitude (as tests/utils.check_against)."""
-    scale = ref.abs().max().item() if ref.numel() else 0.0
-    return 2 * torch.finfo(dtype).eps * max(scale, 1e-3)
 
 
 def _forward_backward(fn: Callable[[], torch.Tensor], inputs: dict, dout: torch.Tensor):
@@ -374,22 +367,32 @@ def _forward_backward(fn: Callable[[], torch.Tensor], inputs: dict, dout: torch.
     return out.detach(), grads
 
 
+def _oracle(case, inputs: dict, dout: torch.Tensor):
+    """(reference output, reference gradients, floors or None): the case's ``oracle()`` (high-precision
+    reference and rounding-error bounds) where it has one, else its fp64 ``reference()`` through autograd
+    (checked with the magnitude floor)."""
+    if hasattr(case, "oracle"):
+        return case.oracle(inputs, dout)
+    ref_inputs = {k: (t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t)
+                  for k, t in inputs.items()}
+    out, grads = _forward_backward(lambda: case.reference(ref_inputs), ref_inputs, dout.double())
+    return out, grads, None
+
+
 def run_check(suite: str, cases: Sequence[Any], providers: Sequence[Provider], device: str,
               progress: Progress | None = None, oracle_names: Sequence[str] = ()) -> list[Row]:
-    """Forward and gradients of every provider against the case's fp64 reference.
+    """Forward and gradients of every provider against the case's reference.
 
     The "torch in the same dtype" oracle is the first of ``oracle_names`` that runs (default: the
-    baseline). A ``kernel`` provider passes when ``err <= 2 * oracle_err + floor`` for the output and
-    ``3 *`` for each gradient; other providers are reported with their errors, without a bound.
+    baseline). A ``kernel`` provider passes :func:`gradkernels.testing.compare` with factor 2 for the
+    output and 3 for each gradient; other providers are reported with their errors, without a bound.
     """
     rows: list[Row] = []
     names = list(oracle_names) or [p.name for p in providers if p.baseline]
     for case in cases:
         inputs = case.make_inputs(device)
-        ref_inputs = {k: (t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t)
-                      for k, t in inputs.items()}
         dout = case.make_grad_output(device)
-        ref_out, ref_grads = _forward_backward(lambda: case.reference(ref_inputs), ref_inputs, dout.double())
+        ref_out, ref_grads, floors = _oracle(case, inputs, dout)
         results: dict[str, tuple] = {}
         for p in providers:
             try:
@@ -397,11 +400,6 @@ def run_check(suite: str, cases: Sequence[Any], providers: Sequence[Provider], d
             except Exception as exc:
                 results[p.name] = describe_error(exc)
         oracle = next((n for n in names if isinstance(results.get(n), tuple)), None)
-        o_out_err = o_grad_errs = None
-        if oracle is not None:
-            o_out, o_grads = results[oracle]
-            o_out_err = _max_err(o_out, ref_out)
-            o_grad_errs = {k: _max_err(g, ref_grads[k]) for k, g in o_grads.items()}
         for p in providers:
             row = _row(suite, case, p, "check")
             res = results[p.name]
@@ -409,12 +407,11 @@ def run_check(suite: str, cases: Sequence[Any], providers: Sequence[Provider], d
                 row.status = res
             else:
                 out, grads = res
-                row.max_err = _max_err(out, ref_out)
-                worst = max(((k, _max_err(g, ref_grads[k])) for k, g in grads.items()), key=lambda kv: kv[1],
-                            default=(None, 0.0))
-                row.grad_err = worst[1]
+                row.max_err = testing.max_err(out, ref_out)
+                row.grad_err = max((testing.max_err(g, ref_grads[k]) for k, g in grads.items()), default=0.0)
                 if p.kernel:
-                    row.status = _judge(row, out, grads, ref_out, ref_grads, o_out_err, o_grad_errs, case.dtype)
+                    same = results[oracle] if oracle is not None else None
+                    row.status = _judge(row, out, grads, same, ref_out, ref_grads, floors)
                 elif p.name == oracle:
                     row.status = "ok (oracle)"
             rows.append(row)
@@ -423,24 +420,28 @@ def run_check(suite: str, cases: Sequence[Any], providers: Sequence[Provider], d
     return rows
 
 
-def _judge(row, out, grads, ref_out, ref_grads, o_out_err, o_grad_errs, dtype) -> str:
-    if o_out_err is None:
+def _judge(row: Row, out, grads: dict, same, ref_out, ref_grads: dict, floors) -> str:
+    """Fill the row's bounds from :func:`gradkernels.testing.compare` and say ``ok`` or what failed.
+
+    ``err_bound`` is what the rule allows where the output's error is largest; the gradient columns are
+    those of the gradient nearest its limit.
+    """
+    if same is None:
         return "unavailable: no torch oracle ran in this dtype"
-    row.err_bound = 2 * o_out_err + _floor(ref_out, dtype)
+    same_out, same_grads = same
+    floors = floors or {}
     failures = []
-    if not torch.isfinite(out).all():
-        failures.append("non-finite output")
-    elif row.max_err > row.err_bound:
-        failures.append(f"output error {row.max_err:.2e} > bound {row.err_bound:.2e}")
-    worst_ratio = -1.0
+    check = testing.compare(out, same_out, ref_out, testing.FACTOR_OUTPUT, floor=floors.get("out"), name="output")
+    row.err_bound = check.allowed_at_max
+    if not check.ok:
+        failures.append(check.message)
+    worst = None
     for k, g in grads.items():
-        err = _max_err(g, ref_grads[k])
-        bound = 3 * o_grad_errs[k] + _floor(ref_grads[k], dtype)
-        if not torch.isfinite(g).all():
-            failures.append(f"non-finite d{k}")
-        elif err > bound:
-            failures.append(f"d{k} error {err:.2e} > bound {bound:.2e}")
-        ratio = err / bound if bound > 0 else float("inf")
-        if ratio > worst_ratio:
-            worst_ratio, row.grad_err, row.grad_err_bound = ratio, err, bound
+        c = testing.compare(g, same_grads[k], ref_grads[k], testing.FACTOR_GRAD, floor=floors.get(k), name=f"d{k}")
+        if not c.ok:
+            failures.append(c.message)
+        if worst is None or c.ratio < worst.ratio:
+            worst = c
+    if worst is not None:
+        row.grad_err, row.grad_err_bound = worst.err, worst.allowed_at_max
     return "ok" if not failures else "failed: " + "; ".join(failures)

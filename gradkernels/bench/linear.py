@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+from .. import reference, testing
 from .._device import backend_for
 from .flops import linear_flops
 from .harness import Registry, Unavailable
@@ -67,8 +67,18 @@ class LinearCase:
         return torch.randn(self.M, self.N, device=device, dtype=self.dtype)
 
     def reference(self, inputs: dict) -> torch.Tensor:
-        """Plain torch ops on the (fp64) inputs: the oracle of the correctness check."""
+        """Plain torch ops on the (fp64) inputs: the textbook computation."""
         return reference.activation_fn(F.linear(inputs["x"], inputs["weight"], inputs["bias"]), self.activation)
+
+    def oracle(self, inputs: dict, dout: torch.Tensor):
+        """(output, {input name: gradient}, floors) for the correctness check: ``gradkernels.testing``'s
+        high-precision reference and rounding-error bounds (floors keyed like the gradients, "out")."""
+        args = (inputs["x"], inputs["weight"], inputs["bias"], self.activation, dout)
+        ref, bound = testing.linear_reference(*args), testing.linear_bounds(*args)
+        names = {"x": "dx", "weight": "dw", "bias": "db"}
+        grads = {k: ref[v] for k, v in names.items() if inputs[k] is not None}
+        floors = {"out": bound["out"], **{k: bound[v] for k, v in names.items() if inputs[k] is not None}}
+        return ref["out"], grads, floors
 
 
 @REGISTRY.register("gradkernels", kernel=True, description="gradkernels.linear (fused bias + activation)")

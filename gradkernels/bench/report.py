@@ -149,7 +149,8 @@ def render(rows: Sequence[Row], env: Env, notes: Sequence[str] = ()) -> str:
     parts = [header(env)]
     parts += list(notes)
     groups = [
-        ("Correctness against fp64 (bound: 2x torch's error for outputs, 3x for gradients, + 1 ulp)",
+        ("Correctness against a high-precision reference (gradkernels.testing's rule: 2x torch's error for "
+         "outputs, 3x for gradients, + the rounding-error bound; 'bound' = allowed where the error is largest)",
          [r for r in rows if r.mode == "check"], check_table),
         ("Linear timings",
          [r for r in rows if r.suite == "linear" and r.mode != "check"], timing_table),
