@@ -25,7 +25,8 @@ import torch
 
 import gradkernels
 from gradkernels.ops import attention as attention_ops
-from utils import DEVICE, check_against
+from gradkernels import testing
+from utils import DEVICE, FACTOR_GRAD, FACTOR_OUTPUT, assert_close
 
 B, HQ, HKV, LQ, LK, D = 1, 4, 2, 37, 45, 16
 
@@ -82,8 +83,8 @@ def test_large_logits_backward_as_exact_as_torch(causal, scale):
     same = _run(lambda q, k, v: _softmax_attention(q, k, v, causal, scale), tensors, dtype)
     ours = _run(lambda q, k, v: gradkernels.attention(q, k, v, causal=causal, scale=scale), tensors, dtype)
     # out and dV: the usual rule (dV is what the LSE residual fixes: it was off by 1e-2 here).
-    check_against(ours[0], same[0], ref[0], 2, "out")
-    check_against(ours[3], same[3], ref[3], 3, "dv")
+    assert_close(ours[0], same[0], ref[0], 2, "out")
+    assert_close(ours[3], same[3], ref[3], 3, "dv")
     for i, name, floor in ((1, "dq", _delta_floor(*tensors, scale, dtype)[0]),
                            (2, "dk", _delta_floor(*tensors, scale, dtype)[1])):
         err = (ours[i].double() - ref[i]).abs().max().item()
@@ -136,10 +137,12 @@ def test_non_positive_scales(scale, causal):
     gen = torch.Generator().manual_seed(2)
     q, k, v, do = (torch.randn(*s, generator=gen, dtype=torch.float64).to(DEVICE)
                    for s in ((1, 2, 37, 40), (1, 1, 45, 40), (1, 1, 45, 24), (1, 2, 37, 24)))
-    tensors = (q, k, v, do)
-    ref = _run(lambda a, b, c: _softmax_attention(a, b, c, causal, scale), tensors, torch.float64)
+    ref = testing.attention_reference(q, k, v, do, causal=causal, scale=scale)
     for dtype in (torch.float32, torch.float64):
-        same = _run(lambda a, b, c: _softmax_attention(a, b, c, causal, scale), tensors, dtype)
-        ours = _run(lambda a, b, c: gradkernels.attention(a, b, c, causal=causal, scale=scale), tensors, dtype)
+        cast = [t.to(dtype) for t in (q, k, v, do)]
+        floors = testing.attention_bounds(*cast, causal=causal, scale=scale)
+        same = _run(lambda a, b, c: _softmax_attention(a, b, c, causal, scale), cast, dtype)
+        ours = _run(lambda a, b, c: gradkernels.attention(a, b, c, causal=causal, scale=scale), cast, dtype)
         for i, name in enumerate(("out", "dq", "dk", "dv")):
-            check_against(ours[i], same[i], ref[i], 2 if i == 0 else 3, f"{dtype} {name}")
+            assert_close(ours[i], same[i], ref[name], FACTOR_OUTPUT if i == 0 else FACTOR_GRAD,
+                         f"{dtype} {name}", floor=floors[name])

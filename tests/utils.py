@@ -14,6 +14,3 @@ ON_GPU = DEVICE == "cuda"
 # bf16 arithmetic does not work under Triton's interpreter (upstream gap): tested on CUDA only.
 DTYPES = [torch.float16, torch.float32, torch.float64] + ([torch.bfloat16] if ON_GPU else [])
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-# The name the tests used before the rule moved into the package (kept for tests written against it).
-check_against = assert_close
