@@ -67,6 +67,35 @@ def _undefined_grads_as_none(ctx):
         ctx.set_materialize_grads(False)
 
 
+def _plain_autograd_twin(fn_cls):
+    """``fn_cls`` as an old-style Function: the same forward, setup_context and backward, called through
+    ``forward(ctx, ...)``.
+
+    torch's ``apply`` of a Function that defines ``setup_context`` binds its arguments with
+    ``inspect.signature`` on every call (about 10x the cost of the old-style ``apply``, measured); that
+    form is needed only by torch.func transforms and Dynamo. :func:`_apply` uses this twin otherwise.
+    """
+
+    def forward(ctx, *args):
+        output = fn_cls.forward(*args)
+        fn_cls.setup_context(ctx, args, output)
+        return output
+
+    name = f"{fn_cls.__name__}Eager"
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                     "backward": staticmethod(fn_cls.backward),
+                                                     "__doc__": fn_cls.__doc__, "__module__": __name__})
+
+
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _apply(fn_cls, twin, *args):
+    if torch.compiler.is_compiling() or _transforms_active():
+        return fn_cls.apply(*args)
+    return twin.apply(*args)
+
+
 def _reject_forward_ad(name, alternative, *tensors):
     if torch.compiler.is_compiling():
         return
@@ -147,6 +176,9 @@ def _linear_backward_differentiable(grad2, x2, weight, pre, activation, need_dx,
     return dx, dw, db
 
 
+_LinearEager = _plain_autograd_twin(LinearFunction)
+
+
 def linear(x, weight, bias=None, activation=None):
     """``act(x @ weight^T + bias)`` through :class:`LinearFunction` (arguments already validated).
 
@@ -156,7 +188,7 @@ def linear(x, weight, bias=None, activation=None):
     store_pre = activation is not None and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    out, _ = LinearFunction.apply(x, weight, bias, activation, store_pre)
+    out, _ = _apply(LinearFunction, _LinearEager, x, weight, bias, activation, store_pre)
     return out
 
 
@@ -245,6 +277,9 @@ class AttentionBackwardFunction(torch.autograd.Function):
         return (*vjp(cotangents), None, None, None, None, None, None, None)
 
 
+_AttentionEager = _plain_autograd_twin(AttentionFunction)
+
+
 def attention(q, k, v, causal_offset, scale):
     """``(out, lse)`` through :class:`AttentionFunction` (arguments already validated).
 
@@ -259,4 +294,4 @@ def attention(q, k, v, causal_offset, scale):
         inputs), not differentiable.
     """
     _reject_forward_ad("attention", "gradkernels.reference.standard_attention (or torch's SDPA)", q, k, v)
-    return AttentionFunction.apply(q, k, v, causal_offset, float(scale))
+    return _apply(AttentionFunction, _AttentionEager, q, k, v, causal_offset, float(scale))
