@@ -137,7 +137,7 @@ def _sdpa_handover_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
     q, k, v = _sdpa_autocast(query, key, value)
     if q.dtype not in attention_ops._FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return "dtypes differ or are not floating point"
-    if backend_for(q) == "torch":
+    if backend_for(q) == "torch" and q.device.type != "meta":  # meta: the kernels' shapes and layout
         return f"no Triton kernel for {q.dtype} on {q.device.type}"
     return None
 
