@@ -24,8 +24,9 @@ Rules that hold on every backend:
 
 - Forward saves x only when dW is needed, W only when dX is needed, and the pre-activation only with an
   activation when a gradient is needed (``store_pre``, decided by :func:`linear` from ``requires_grad``
-  and grad mode, since a ``setup_context`` forward cannot see ``needs_input_grad``). Attention saves
-  q, k, v, out and the LSE.
+  and grad mode, since a ``setup_context`` forward cannot see ``needs_input_grad``; always under
+  torch.func transforms, where ``requires_grad`` sees one level only). Attention saves q, k, v, out and
+  the LSE. A call autograd cannot differentiate runs the Function's forward alone.
 - Backward without ``create_graph`` (the training case): the fused kernel backward, only the gradients
   ``needs_input_grad`` asks for.
 - Backward with ``create_graph=True`` (and always under ``torch.func.grad``, which builds graphs):
@@ -90,7 +91,22 @@ def _plain_autograd_twin(fn_cls):
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
-def _apply(fn_cls, twin, *args):
+def _autograd_needed(*tensors):
+    """Whether autograd may differentiate through a call on ``tensors``.
+
+    Under torch.func transforms ``requires_grad`` describes the innermost level only (an outer
+    ``grad``/``jacrev`` may still track the call): always yes there.
+    """
+    if not torch.compiler.is_compiling() and _transforms_active():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _apply(fn_cls, twin, needed, *args):
+    """``fn_cls.apply(*args)``; its forward alone when autograd has nothing to record (``needed`` False):
+    the same custom op, without the Function's bookkeeping."""
+    if not needed:
+        return fn_cls.forward(*args)
     if torch.compiler.is_compiling() or _transforms_active():
         return fn_cls.apply(*args)
     return twin.apply(*args)
@@ -185,10 +201,9 @@ def linear(x, weight, bias=None, activation=None):
     The pre-activation is kept only when an activation is given and autograd will need it.
     """
     _reject_forward_ad("linear", "torch.nn.functional.linear (or gradkernels.reference.linear)", x, weight, bias)
-    store_pre = activation is not None and torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    out, _ = _apply(LinearFunction, _LinearEager, x, weight, bias, activation, store_pre)
+    needed = _autograd_needed(x, weight, bias)
+    out, _ = _apply(LinearFunction, _LinearEager, needed, x, weight, bias, activation,
+                    activation is not None and needed)  # store_pre
     return out
 
 
@@ -294,4 +309,5 @@ def attention(q, k, v, causal_offset, scale):
         inputs), not differentiable.
     """
     _reject_forward_ad("attention", "gradkernels.reference.standard_attention (or torch's SDPA)", q, k, v)
-    return _apply(AttentionFunction, _AttentionEager, q, k, v, causal_offset, float(scale))
+    return _apply(AttentionFunction, _AttentionEager, _autograd_needed(q, k, v), q, k, v, causal_offset,
+                  float(scale))
