@@ -206,9 +206,12 @@ def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, nee
     def per_kv_head(t):  # (B, Hq, Lk, d) -> (B, Hkv, Lk, d): sum over the query-head group
         return t.reshape(t.shape[0], k.shape[1], group, *t.shape[2:]).sum(2) if group > 1 else t
 
-    dq = (ds @ ke) * scale if need_dq else None
-    dk = per_kv_head((ds.transpose(-2, -1) @ q) * scale) if need_dk else None
-    dv = per_kv_head(p.transpose(-2, -1) @ grad_out) if need_dv else None
+    def like(t, value):  # in t's layout, as the launcher allocates its gradient (torch.empty_like)
+        return torch.empty_like(t).copy_(value)
+
+    dq = like(q, (ds @ ke) * scale) if need_dq else None
+    dk = like(k, per_kv_head((ds.transpose(-2, -1) @ q) * scale)) if need_dk else None
+    dv = like(v, per_kv_head(p.transpose(-2, -1) @ grad_out)) if need_dv else None
     return dq, dk, dv
 
 

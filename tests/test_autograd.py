@@ -233,7 +233,7 @@ def test_attention_torch_func_grad_vmap_and_hessian(backend, no_vmap_fallback):
             func.vmap(f, (0, 0, None))(qs, ks, v),
             func.grad(loss, (0, 1))(qs[0], ks[0])[1],
             func.vmap(func.grad(loss))(qs, ks),
-            func.jacrev(func.jacrev(lambda q: loss(q, ks[0])))(qs[0]),
+            func.jacrev(func.jacrev(lambda k: loss(qs[0], k)))(ks[0]),  # Hessian in k: 32 x 32
         )
 
     _compare(run, inputs, (False,) * 3, ("vmap", "grad", "vmap(grad)", "hessian"), backend)

@@ -79,3 +79,22 @@ def test_force_torch_backend_runs_the_torch_path_everywhere(monkeypatch):
     F.silu(F.linear(x2, w)).backward(torch.ones_like(y))
     torch.testing.assert_close(y, F.silu(F.linear(x, w)))
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_custom_ops_pass_opcheck_on_the_torch_backend():
+    """The torch backend runs the same custom ops with torch twins of the launchers: their results must
+    match the fake implementations (shapes, strides, dtypes), as the kernels' do (tests/test_compile.py)."""
+    from gradkernels import custom_ops
+
+    d64 = dict(device=DEVICE, dtype=torch.float64)
+    x, w, b, g = torch.randn(9, 6, **d64), torch.randn(5, 6, **d64), torch.randn(5, **d64), torch.randn(9, 5, **d64)
+    q = torch.randn(1, 7, 4, 8, **d64).transpose(1, 2)  # (B, H, L, D) read from a (B, L, H, D) tensor
+    k, v = torch.randn(1, 2, 5, 8, **d64), torch.randn(1, 2, 5, 3, **d64)
+    with _device.force_torch_backend():
+        torch.library.opcheck(custom_ops.linear_fwd, (x, w, b, "gelu", True))
+        torch.library.opcheck(custom_ops.linear_bwd, (g, x, w, torch.randn(9, 5, **d64), "silu", True, True, True))
+        torch.library.opcheck(custom_ops.linear_bwd, (g, None, w, None, None, True, False, True))
+        out, lse = custom_ops.attention_fwd(q, k, v, -2, 0.3)
+        torch.library.opcheck(custom_ops.attention_fwd, (q, k, v, -2, 0.3))
+        torch.library.opcheck(custom_ops.attention_bwd,
+                              (torch.randn_like(out), q, k, v, out, lse, -2, 0.3, True, False, True))
