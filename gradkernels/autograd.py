@@ -221,8 +221,9 @@ def linear(x, weight, bias=None, activation=None):
 class AttentionFunction(torch.autograd.Function):
     """Flash-style attention through ``gradkernels::attention_fwd``; returns ``(out, lse)``.
 
-    Saves q, k, v, out and the LSE only (no Lq x Lk tensor); the backward recomputes P from them.
-    ``lse`` is non-differentiable: gradients flow through ``out`` only.
+    Saves q, k, v, out and the per-row statistics the forward returns after ``out`` (the LSE) only, no
+    Lq x Lk tensor; the backward recomputes P from them and hands the statistics back as they came.
+    They are non-differentiable: gradients flow through ``out`` only.
     """
 
     generate_vmap_rule = True
@@ -234,25 +235,25 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, causal_offset, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, *stats = output
+        ctx.save_for_backward(q, k, v, out, *stats)
         ctx.causal_offset, ctx.scale = causal_offset, scale
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(*stats)
         _undefined_grads_as_none(ctx)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+    def backward(ctx, grad_out, *_grad_stats):
+        q, k, v, out, *stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if grad_out is None or not any(needs):
             return None, None, None, None, None
         if torch.is_grad_enabled():
             # create_graph=True or torch.func.grad: the same kernel gradients, recorded so that a second
             # backward can go through them (out is a function of q, k, v: a constant there).
-            grads = AttentionBackwardFunction.apply(grad_out, q, k, v, out.detach(), lse, ctx.causal_offset,
-                                                    ctx.scale, *needs)
+            grads = AttentionBackwardFunction.apply(grad_out, q, k, v, out.detach(), ctx.causal_offset, ctx.scale,
+                                                    *needs, *stats)
         else:
-            grads = custom_ops.attention_bwd(grad_out, q, k, v, out, lse, ctx.causal_offset, ctx.scale, *needs)
+            grads = custom_ops.attention_bwd(grad_out, q, k, v, out, *stats, ctx.causal_offset, ctx.scale, *needs)
         return (*(g if need else None for g, need in zip(grads, needs)), None, None)
 
 
@@ -261,22 +262,23 @@ class AttentionBackwardFunction(torch.autograd.Function):
 
     Its backward is attention's double backward: it recomputes attention with composed torch ops
     (:func:`gradkernels.reference.attention_with_offset`) and differentiates that twice with
-    ``torch.func.vjp``, which holds the (B, Hq, Lq, Lk) scores during that pass.
+    ``torch.func.vjp``, which holds the (B, Hq, Lq, Lk) scores during that pass. ``out`` and the saved
+    per-row statistics (``*stats``) enter as constants.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_out, q, k, v, out, lse, causal_offset, scale, need_dq, need_dk, need_dv):
-        return custom_ops.attention_bwd(grad_out, q, k, v, out, lse, causal_offset, scale, need_dq, need_dk,
+    def forward(grad_out, q, k, v, out, causal_offset, scale, need_dq, need_dk, need_dv, *stats):
+        return custom_ops.attention_bwd(grad_out, q, k, v, out, *stats, causal_offset, scale, need_dq, need_dk,
                                         need_dv)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_out, q, k, v, _, _, causal_offset, scale, *needs = inputs
+        grad_out, q, k, v, _, causal_offset, scale, *rest = inputs
         ctx.save_for_backward(grad_out, q, k, v)
-        ctx.causal_offset, ctx.scale, ctx.needs = causal_offset, scale, needs
-        ctx.mark_non_differentiable(*(g for g, need in zip(output, needs) if not need))
+        ctx.causal_offset, ctx.scale, ctx.needs, ctx.n_stats = causal_offset, scale, rest[:3], len(rest) - 3
+        ctx.mark_non_differentiable(*(g for g, need in zip(output, ctx.needs) if not need))
         _undefined_grads_as_none(ctx)
 
     @staticmethod
@@ -294,7 +296,7 @@ class AttentionBackwardFunction(torch.autograd.Function):
             return vjp(grad_out)
 
         _, vjp = torch.func.vjp(first_order, grad_out, q, k, v)
-        return (*vjp(cotangents), None, None, None, None, None, None, None)
+        return (*vjp(cotangents), None, None, None, None, None, None) + (None,) * ctx.n_stats
 
 
 _AttentionEager = _plain_autograd_twin(AttentionFunction)
@@ -314,5 +316,6 @@ def attention(q, k, v, causal_offset, scale):
         inputs), not differentiable.
     """
     _reject_forward_ad("attention", "gradkernels.reference.standard_attention (or torch's SDPA)", q, k, v)
-    return _apply(AttentionFunction, _AttentionEager, _autograd_needed(q, k, v), q, k, v, causal_offset,
-                  float(scale))
+    out, lse, *_ = _apply(AttentionFunction, _AttentionEager, _autograd_needed(q, k, v), q, k, v, causal_offset,
+                          float(scale))
+    return out, lse

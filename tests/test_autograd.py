@@ -7,9 +7,11 @@ the suite runs) and ``"torch"`` (``gradkernels._device.force_torch_backend()``).
 fp64 oracle. Every check here is in fp64 against torch's own ops in fp64. The allowed error is the fp64
 rounding error of that computation, estimated from torch's own error in fp32 (same computation on the
 inputs rounded to fp32, against fp64) scaled by eps64 / eps32: to first order, rounding error is
-proportional to the unit roundoff, condition of the problem included. A factor of 8 on that, plus
-4 ulps of the largest reference value for the rare case where fp32 happens to be exact. Wrong
-second-order terms give errors of order one; an fp32-accurate path would give ~1e-7 relative.
+proportional to the unit roundoff, condition of the problem included. A factor of 16 on that (the
+estimate is one sample of a rounding error, not a bound), plus 4 ulps of the largest reference value
+for the rare case where fp32 happens to be exact. Observed: every error is at least 8x below its bound
+on the development machine. Wrong second-order terms give errors of order one; an fp32-accurate path
+would give ~1e-7 relative, 10^8 times the bound.
 """
 
 import contextlib
@@ -40,7 +42,7 @@ def _max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_fp64_close(ours, ref64, ref32, name, factor=8):
+def assert_fp64_close(ours, ref64, ref32, name, factor=16):
     """``max|ours - ref64| <= factor * max|ref32 - ref64| * eps64/eps32 + 4 ulps of max|ref64|``."""
     assert ours.dtype == torch.float64 and ours.shape == ref64.shape, f"{name}: {ours.dtype} {tuple(ours.shape)}"
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
