@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import weakref
 from typing import Iterator
@@ -307,13 +308,15 @@ def _wrapped_chain(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
         if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
             model = model._orig_mod
-        elif isinstance(model, _DATA_PARALLEL_WRAPPERS):
+        elif isinstance(model, _data_parallel_wrappers()):
             model = model.module
         else:
             return
 
 
+@functools.lru_cache(maxsize=None)
 def _data_parallel_wrappers() -> tuple[type, ...]:
+    # Looked up on first use: importing torch.distributed.fsdp is not free.
     wrappers = [torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel]
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -322,9 +325,6 @@ def _data_parallel_wrappers() -> tuple[type, ...]:
     except Exception:  # pragma: no cover - builds without distributed support
         pass
     return tuple(wrappers)
-
-
-_DATA_PARALLEL_WRAPPERS = _data_parallel_wrappers()
 
 
 def _patched_key(model: torch.nn.Module) -> torch.nn.Module | None:

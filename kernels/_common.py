@@ -54,7 +54,7 @@ def _tanh(x):
 def apply_activation(x, ACTIVATION: tl.constexpr):
     """``act(x)`` for the activation named by ``ACTIVATION`` (None = identity)."""
     if ACTIVATION == "relu":
-        # Written so that NaN fails the test and passes through, as torch.relu keeps NaN.
+        # x < 0 is False for NaN: NaN passes through, as torch.relu keeps it.
         return tl.where(x < 0, 0.0, x)
     elif ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.math.erf(x * _RSQRT2))
