@@ -4,33 +4,83 @@
 - CPU tensors with TRITON_INTERPRET=1   -> the same kernels under Triton's interpreter ("interpreter")
 - CPU tensors otherwise                 -> the reference PyTorch path, same semantics ("torch")
 
-``TRITON_INTERPRET`` is read by Triton's decorators when ``triton`` is first imported, so it must be
-set before that (``tests/conftest.py`` does so when no GPU is present).
+The interpreter itself is chosen when the kernels are *defined*: ``@triton.jit`` reads ``TRITON_INTERPRET``
+when it decorates a function, i.e. when ``gradkernels`` (``gradkernels.kernels``) is first imported.
+``TRITON_INTERPRET=1`` must therefore be in the environment before that (``tests/conftest.py`` sets it
+when no GPU is present). Setting it later cannot turn compiled kernels into interpreted ones:
+:func:`backend_for` then raises a ``RuntimeError`` saying so for CPU tensors, instead of launching GPU
+kernels on them.
+
+:func:`force_torch_backend` is a switch for tests and debugging: while it is active every call runs the
+torch path, whatever the device (meta tensors aside, which never compute).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 
 Backend = Literal["triton", "interpreter", "torch"]
 
 
-@functools.lru_cache(maxsize=None)
+def _kernels_interpreted() -> bool:
+    # What Triton's decorator actually produced for our kernels (at their import, once): an
+    # InterpretedFunction (they run on CPU tensors through numpy) or a JITFunction (compiled for a GPU).
+    # triton.runtime.interpreter.InterpretedFunction is public from triton 2.2 through 3.9.
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .kernels import _common
+
+    return isinstance(_common.load_tile, InterpretedFunction)
+
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON = True
+except Exception:  # pragma: no cover - depends on the platform
+    _TRITON = False
+
+_INTERPRETED = _TRITON and _kernels_interpreted()
+
+# Process-wide, not per thread: autograd may run a backward on another thread than its forward.
+_force_torch = 0
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
-        return False
-    return True
+    """Whether ``triton`` imports on this machine (decided once, at import)."""
+    return _TRITON
+
+
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is in the environment now."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton kernels run on the CPU through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels were defined under ``TRITON_INTERPRET=1`` (they run on CPU tensors)."""
+    return _INTERPRETED
+
+
+@contextlib.contextmanager
+def force_torch_backend() -> Iterator[None]:
+    """Run every gradkernels call on the ``"torch"`` backend while active (process-wide).
+
+    The torch backend is the reference PyTorch path with the kernels' semantics (the same custom ops,
+    autograd and saved tensors; only the innermost computation differs). Used by the tests to check every
+    backend in one process, and handy for telling a kernel problem from an integration problem. Enter it
+    around forward *and* backward. Nesting is allowed.
+    """
+    global _force_torch
+    _force_torch += 1
+    try:
+        yield
+    finally:
+        _force_torch -= 1
 
 
 def backend_for(tensor: torch.Tensor) -> Backend:
@@ -38,27 +88,49 @@ def backend_for(tensor: torch.Tensor) -> Backend:
 
     Returns:
         ``"triton"`` (compiled kernels on a CUDA device), ``"interpreter"`` (the same kernels on the
-        CPU through ``TRITON_INTERPRET=1``) or ``"torch"`` (the reference PyTorch path).
+        CPU through Triton's interpreter) or ``"torch"`` (the reference PyTorch path).
+
+    Raises:
+        TypeError: ``tensor`` is not a tensor.
+        RuntimeError: a CPU tensor while ``TRITON_INTERPRET=1`` is set but the kernels were defined
+            before it was (they are compiled for a GPU and cannot run on the CPU).
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"backend_for expects a torch.Tensor, got {type(tensor).__name__}")
-    if not triton_available():
+    if _force_torch or not _TRITON:
         return "torch"
-    if tensor.dtype == torch.bfloat16 and interpreter_enabled():
+    interpreted = _INTERPRETED
+    if tensor.dtype == torch.bfloat16 and interpreted:
         # The interpreter stores bf16 as uint16 and does arithmetic on the bit patterns
         # (triton-lang/triton#11584): never give a silent wrong answer, use torch instead.
         return "torch"
     if tensor.device.type == "cuda":
         # torch.version.hip: Triton's AMD backend compiles the same kernels.
-        return "interpreter" if interpreter_enabled() else "triton"
-    if tensor.device.type == "cpu" and interpreter_enabled():
-        return "interpreter"
+        return "interpreter" if interpreted else "triton"
+    if tensor.device.type == "cpu" and interpreter_requested():
+        if interpreted:
+            return "interpreter"
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 is set, but gradkernels' kernels were defined before it was (Triton's "
+            "@jit reads it when gradkernels is first imported), so they are compiled for a GPU and "
+            "cannot run on CPU tensors. Set TRITON_INTERPRET=1 in the environment before importing "
+            "triton or gradkernels (e.g. `TRITON_INTERPRET=1 python script.py`), or unset it to run "
+            "CPU tensors on the torch backend."
+        )
     return "torch"
 
 
 def use_autotune() -> bool:
     """Autotuning times configs on a GPU; under the interpreter one pinned config is launched."""
     return not interpreter_enabled()
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in effect for ``device_type``, or None (also for devices without autocast,
+    such as ``meta``)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def fp32_input_precision(device: torch.device) -> str:
@@ -94,5 +166,3 @@ def cuda_capability() -> tuple[int, int] | None:
     if torch.cuda.is_available():
         return torch.cuda.get_device_capability()
     return None
-
-

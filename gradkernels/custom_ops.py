@@ -1,11 +1,11 @@
-"""The kernels as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` can trace through them.
+"""The kernels as ``torch.library`` custom ops: one opaque node per launch, for eager and compiled runs alike.
 
-Eager calls go through the ``torch.autograd.Function`` classes of :mod:`gradkernels.autograd`. Under
-``torch.compile`` the functional API calls the ops defined here instead: Dynamo cannot trace into a
-Triton launch (least of all under the interpreter), but it treats a custom op as one opaque node whose
-output shapes come from its fake (meta) implementation, and AOTAutograd takes its backward from the
-autograd registration. Forward and backward are separate ops that call the same launchers in
-:mod:`gradkernels.ops` as the autograd Functions, so the kernel logic has one source of truth.
+The autograd Functions of :mod:`gradkernels.autograd` call these ops in their forward and backward
+(flash-attention's ``flash_attn_interface.py`` design), so the same ops run eagerly and under
+``torch.compile``: Dynamo cannot trace into a Triton launch (least of all under the interpreter), but it
+treats a custom op as one node whose output shapes come from its fake implementation. The ops carry no
+autograd registration of their own; what to save and which gradients to compute is decided once, in
+:mod:`gradkernels.autograd`.
 
 Ops (namespace ``gradkernels``):
 
@@ -15,12 +15,17 @@ Ops (namespace ``gradkernels``):
 - ``attention_bwd(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, need_dq, need_dk, need_dv)
   -> (dq, dk, dv)``
 
-Custom op schemas cannot return ``None``: a tensor that is not produced is returned as an empty
-(numel 0) tensor and mapped back to ``None`` here.
+Each op runs the launcher of :mod:`gradkernels.ops` on the ``"triton"`` and ``"interpreter"`` backends,
+and the same-contract torch function of :mod:`gradkernels.reference` on the ``"torch"`` backend
+(:func:`gradkernels.backend_for`). Their fake implementations give meta tensors and FakeTensors (shape
+inference, ``torch.device("meta")`` models, ``torch.compile``) the real outputs' shapes and strides.
 
-Public entry points, drop-in replacements for the autograd Functions' ``apply`` (same arguments, same
-results) that ``gradkernels.functional`` calls when ``torch.compiler.is_compiling()``:
-:func:`linear` for ``LinearFunction.apply`` and :func:`attention` for ``AttentionFunction.apply``.
+Custom op schemas cannot return ``None``: a tensor that is not produced is returned as an empty (0,)
+tensor, and the caller, who asked for it or not, ignores it.
+
+``torch.func.vmap``: each op has a batching rule. ``linear_fwd`` with only ``x`` batched folds the batch
+into the rows (one launch); every other batched call runs the op once per batch element (correct, not
+fused).
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import reference
+from ._device import backend_for
 from .ops import attention as attention_ops
 from .ops import linear as linear_ops
 
-__all__ = ["linear", "attention"]
+__all__ = ["linear_fwd", "linear_bwd", "attention_fwd", "attention_bwd"]
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -41,8 +48,9 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-def _or_none(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 else t
+def _impl(t: Tensor, ops_module):
+    """The launchers' module for the kernel backends, :mod:`gradkernels.reference` for the torch one."""
+    return reference if backend_for(t) == "torch" else ops_module
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -55,7 +63,7 @@ def linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], store_pre: bool
 ) -> tuple[Tensor, Tensor]:
     """``act(x @ weight^T + bias)`` for a 2-D ``x`` (M, K); ``pre`` is empty unless stored."""
-    out, pre = linear_ops.linear_forward(x, weight, bias, activation, store_pre)
+    out, pre = _impl(x, linear_ops).linear_forward(x, weight, bias, activation, store_pre)
     return out, (_empty(x) if pre is None else pre)
 
 
@@ -71,7 +79,7 @@ def linear_bwd(
     grad: Tensor,
     x: Optional[Tensor],
     weight: Optional[Tensor],
-    pre: Tensor,
+    pre: Optional[Tensor],
     activation: Optional[str],
     need_dx: bool,
     need_dw: bool,
@@ -79,10 +87,11 @@ def linear_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`linear_fwd`; those not asked for are empty tensors.
 
-    ``x`` is only read for dW and ``weight`` only for dX: either may be None when not needed.
+    ``x`` is only read for dW and ``weight`` only for dX: either may be None when not needed. Without
+    ``pre`` the incoming gradient is taken as the pre-activation's (no ``act'`` applied).
     """
-    dx, dw, db = linear_ops.linear_backward(
-        grad, x, weight, _or_none(pre), activation, need_dx, need_dw, need_db
+    dx, dw, db = _impl(grad, linear_ops).linear_backward(
+        grad, x, weight, pre, activation, need_dx, need_dw, need_db
     )
     return tuple(_empty(grad) if t is None else t for t in (dx, dw, db))
 
@@ -97,57 +106,6 @@ def _(grad, x, weight, pre, activation, need_dx, need_dw, need_db):
     return dx, dw, db
 
 
-def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, activation, _ = inputs
-    _, pre = output
-    need_dx, need_dw, _ = ctx.needs_input_grad[:3]
-    if activation is not None and pre.numel() == 0:
-        # Called with store_pre=False but a gradient is wanted: backward recomputes the pre-activation
-        # from x, weight and bias rather than silently dropping act'(pre).
-        ctx.save_for_backward(x, weight, bias, pre)
-    else:
-        ctx.save_for_backward(x if need_dw else None, weight if need_dx else None, None, pre)
-    ctx.activation = activation
-    ctx.has_bias = bias is not None
-
-
-def _linear_backward(ctx, grad_out, grad_pre):
-    x, weight, bias, pre = ctx.saved_tensors
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    need_db = need_db and ctx.has_bias
-    if not (need_dx or need_dw or need_db):
-        return None, None, None, None, None
-    if ctx.activation is not None and pre.numel() == 0:
-        pre, _ = linear_fwd(x, weight, bias, None, False)
-    dx, dw, db = linear_bwd(grad_out, x, weight, pre, ctx.activation, need_dx, need_dw, need_db)
-    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None, None
-
-
-linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
-
-
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
-    """``LinearFunction.apply`` through the custom ops (what the functional API calls when compiling).
-
-    The caller (``gradkernels.functional.linear``) has already validated the arguments and applied
-    autocast; this only flattens the leading dims, as ``LinearFunction`` does.
-
-    Args:
-        x: (..., in_features). weight: (out_features, in_features). bias: (out_features,) or None.
-        activation: None, "relu", "gelu", "gelu_tanh" or "silu".
-
-    Returns:
-        (..., out_features) tensor in the dtype of ``x``.
-    """
-    x2 = x.reshape(-1, x.shape[-1])
-    # Pre-activation only when autograd will need it (the Function's rule).
-    store_pre = activation is not None and torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    out, _ = linear_fwd(x2, weight, bias, activation, store_pre)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
 # ----------------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------------
@@ -157,8 +115,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, causal_offset: Optional[int], scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Flash forward: ``(out, lse, lse_lo)``; key j visible to query i iff ``j <= i + causal_offset``."""
-    return attention_ops.attention_forward(q, k, v, causal_offset, scale)
+    """Flash forward: ``(out, lse, lse_lo)``; key j visible to query i iff ``j <= i + causal_offset``
+    (None: all). ``lse_lo`` is the LSE's residual the backward needs (``ops.attention.split_lse``)."""
+    return _impl(q, attention_ops).attention_forward(q, k, v, causal_offset, scale)
 
 
 @attention_fwd.register_fake
@@ -185,7 +144,7 @@ def attention_bwd(
     need_dv: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`attention_fwd`; those not asked for are empty tensors."""
-    dq, dk, dv = attention_ops.attention_backward(
+    dq, dk, dv = _impl(q, attention_ops).attention_backward(
         grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale,
         need_dq=need_dq, need_dk=need_dk, need_dv=need_dv,
     )
@@ -201,40 +160,40 @@ def _(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, need_dq, need_d
     )
 
 
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, causal_offset, scale = inputs
-    out, lse, lse_lo = output
-    ctx.save_for_backward(q, k, v, out, lse, lse_lo)
-    ctx.causal_offset, ctx.scale = causal_offset, scale
-    # As AttentionFunction: the LSE is an output for merging partial results, not differentiable.
-    ctx.mark_non_differentiable(lse, lse_lo)
+# ----------------------------------------------------------------------------------------------------
+# torch.func.vmap
+# ----------------------------------------------------------------------------------------------------
 
 
-def _attention_backward(ctx, grad_out, _grad_lse, _grad_lse_lo):
-    q, k, v, out, lse, lse_lo = ctx.saved_tensors
-    need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
-    if not (need_dq or need_dk or need_dv):
-        return None, None, None, None, None
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, lse_lo, ctx.causal_offset, ctx.scale,
-                               need_dq, need_dk, need_dv)
-    return (dq if need_dq else None), (dk if need_dk else None), (dv if need_dv else None), None, None
+def _vmap_by_loop(op):
+    """Batching rule that runs ``op`` once per batch element and stacks the results (dim 0)."""
+
+    def rule(info, in_dims, *args):
+        results = []
+        for i in range(info.batch_size):
+            results.append(op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))))
+        outs = tuple(torch.stack(column) for column in zip(*results))
+        return outs, (0,) * len(outs)
+
+    return rule
 
 
-attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+_linear_fwd_loop = _vmap_by_loop(linear_fwd)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal_offset: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
-    """``AttentionFunction.apply`` through the custom ops (what the functional API calls when compiling).
+def _linear_fwd_vmap(info, in_dims, x, weight, bias, activation, store_pre):
+    x_dim, w_dim, b_dim = in_dims[:3]
+    if x_dim is None or w_dim is not None or b_dim is not None:
+        return _linear_fwd_loop(info, in_dims, x, weight, bias, activation, store_pre)
+    # Only x is batched, (N, M, K) once moved: the batch is more rows of one matmul.
+    xb = x.movedim(x_dim, 0)
+    n, m = xb.shape[0], xb.shape[1]
+    out, pre = linear_fwd(xb.reshape(n * m, xb.shape[2]), weight, bias, activation, store_pre)
+    pre = pre.view(n, m, -1) if (store_pre and activation is not None) else pre.new_empty((n, 0))
+    return (out.view(n, m, -1), pre), (0, 0)
 
-    Args:
-        q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv). Validated (and autocast) by the caller.
-        causal_offset: None (no mask) or int: key j is visible to query i iff ``j <= i + causal_offset``
-            (``Lk - Lq`` for the library's bottom-right causal, 0 for torch's top-left ``is_causal``).
-        scale: the softmax scale (a float).
 
-    Returns:
-        ``(out, lse)``: (B, Hq, Lq, Dv) in q's dtype, and the (B, Hq, Lq) log-sum-exp (fp32; fp64 for fp64
-        inputs), not differentiable.
-    """
-    out, lse, _ = attention_fwd(q, k, v, causal_offset, float(scale))
-    return out, lse
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
+    torch.library.register_vmap(linear_fwd, _linear_fwd_vmap)
+    for _op in (linear_bwd, attention_fwd, attention_bwd):
+        torch.library.register_vmap(_op, _vmap_by_loop(_op))

@@ -7,30 +7,21 @@ import numbers
 
 import torch
 
-from . import custom_ops, reference
-from ._device import backend_for
-from .autograd import AttentionFunction, LinearFunction
+from . import autograd
+from ._device import autocast_dtype, backend_for
 from .ops import attention as attention_ops
 from .ops.linear import check_linear_args
-
-
-def _linear_apply(*args):
-    # torch.compile cannot trace a Triton launch: while compiling, the same launchers run as custom ops.
-    return custom_ops.linear(*args) if torch.compiler.is_compiling() else LinearFunction.apply(*args)
-
-
-def _attention_apply(*args):
-    return custom_ops.attention(*args) if torch.compiler.is_compiling() else AttentionFunction.apply(*args)
 
 
 def _autocast(device_type, *tensors):
     """Cast floating tensors to the autocast dtype when autocast is on for ``device_type``.
 
-    As torch's own autocast: fp64 tensors are left alone (only fp32/fp16/bf16 are eligible).
+    As torch's own autocast: fp64 tensors are left alone (only fp32/fp16/bf16 are eligible). Devices
+    without autocast (``meta``) are left alone.
     """
-    if not torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
     return tuple(
         t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype) for t in tensors
     )
@@ -57,9 +48,7 @@ def linear(x, weight, bias=None, activation=None):
     check_linear_args(x, weight, bias, activation, same_dtype=False)
     x, weight, bias = _autocast(x.device.type, x, weight, bias)
     check_linear_args(x, weight, bias, activation)
-    if backend_for(x) == "torch":
-        return reference.linear(x, weight, bias, activation)
-    return _linear_apply(x, weight, bias, activation)
+    return autograd.linear(x, weight, bias, activation)
 
 
 _log = logging.getLogger("gradkernels")
@@ -101,21 +90,16 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     q, k, v = _autocast(q.device.type, q, k, v)
     attention_ops.check_attention_args(q, k, v, scale)
     scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)
-    if backend_for(q) == "torch":
-        out, lse = reference.standard_attention(q, k, v, causal, scale, return_lse=True)
-        lse = lse.detach().to(attention_ops.lse_dtype(q.dtype))
-    else:
-        offset = k.shape[2] - q.shape[2] if causal else None
-        out, lse = _attention_apply(q, k, v, offset, scale)
+    offset = k.shape[2] - q.shape[2] if causal else None
+    out, lse = autograd.attention(q, k, v, offset, scale)
     return (out, lse) if return_lse else out
 
 
 def _sdpa_autocast(query, key, value):
     """torch's autocast rule for SDPA: floating inputs other than fp64 go to the autocast dtype."""
-    device_type = query.device.type
-    if not torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(query.device.type)
+    if dtype is None:
         return query, key, value
-    dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in (query, key, value))
 
@@ -153,7 +137,7 @@ def _sdpa_handover_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
     q, k, v = _sdpa_autocast(query, key, value)
     if q.dtype not in attention_ops._FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return "dtypes differ or are not floating point"
-    if backend_for(q) == "torch":
+    if backend_for(q) == "torch" and q.device.type != "meta":  # meta: the kernels' shapes and layout
         return f"no Triton kernel for {q.dtype} on {q.device.type}"
     return None
 
@@ -168,7 +152,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     sees keys ``j <= i``). Under ``torch.autocast`` the inputs are cast as torch casts them. Every other
     call (a mask, dropout, broadcast batch or head dims, a backend without kernels, an input torch
     rejects) runs ``torch.nn.functional.scaled_dot_product_attention`` itself, so results and errors
-    are torch's; the ``gradkernels`` logger says so at debug level.
+    are torch's; the ``gradkernels`` logger says so at debug level (in eager mode; under
+    ``torch.compile`` the hand-over is decided while tracing, silently, without a graph break).
 
     Args:
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa: as torch's.
@@ -178,7 +163,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     reason = _sdpa_handover_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reason is not None:
-        _log.debug("scaled_dot_product_attention: %s; running torch's implementation", reason)
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace a logger call (a graph break)
+            _log.debug("scaled_dot_product_attention: %s; running torch's implementation", reason)
         kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         if enable_gqa:  # torch < 2.5 has no enable_gqa argument: pass it only when set
             kwargs["enable_gqa"] = True
@@ -191,7 +177,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         (lambda t: t.unsqueeze(0)) if q.dim() == 3 else (lambda t: t[None, None]))
     q4, k4, v4 = to4(q), to4(k), to4(v)
     scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _attention_apply(q4, k4, v4, 0 if is_causal else None, scale)
+    out, _ = autograd.attention(q4, k4, v4, 0 if is_causal else None, scale)
     if q.dim() >= 4:
         return out.reshape(*lead, *out.shape[1:])
     return out[0] if q.dim() == 3 else out[0, 0]

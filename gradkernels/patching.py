@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import weakref
 from typing import Iterator
@@ -297,9 +298,44 @@ def _replace_linears(model: torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _wrapped_chain(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` and the modules it wraps: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and
+    ``DistributedDataParallel`` / ``DataParallel`` / FSDP1 (``module``). FSDP2's ``fully_shard`` keeps
+    the module object itself, so it needs no unwrapping."""
+    seen = set()
+    while isinstance(model, torch.nn.Module) and id(model) not in seen:
+        seen.add(id(model))
+        yield model
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
+            model = model._orig_mod
+        elif isinstance(model, _data_parallel_wrappers()):
+            model = model.module
+        else:
+            return
+
+
+@functools.lru_cache(maxsize=None)
+def _data_parallel_wrappers() -> tuple[type, ...]:
+    # Looked up on first use: importing torch.distributed.fsdp is not free.
+    wrappers = [torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrappers.append(FullyShardedDataParallel)
+    except Exception:  # pragma: no cover - builds without distributed support
+        pass
+    return tuple(wrappers)
+
+
+def _patched_key(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module :func:`patch` was applied to, found through wrappers added since; None if not patched."""
+    return next((m for m in _wrapped_chain(model) if m in _STATE), None)
+
+
 def is_patched(model: torch.nn.Module) -> bool:
-    """Whether :func:`patch` was applied to ``model`` (and not undone)."""
-    return model in _STATE
+    """Whether :func:`patch` was applied to ``model`` or to a module it wraps (``torch.compile``, DDP,
+    FSDP), and not undone."""
+    return _patched_key(model) is not None
 
 
 def patch(model: torch.nn.Module, *, linear: bool = True, attention: bool = True) -> PatchSummary:
@@ -344,8 +380,11 @@ def patch(model: torch.nn.Module, *, linear: bool = True, attention: bool = True
 def unpatch(model: torch.nn.Module) -> PatchSummary:
     """Undo :func:`patch`: put the original ``nn.Linear`` modules back and remove the routing hooks.
 
-    A replacement that was itself replaced since patching is left as it is. If a parameter of a
+    ``model`` is the module given to :func:`patch` or a wrapper added since: ``torch.compile(model)``,
+    ``DistributedDataParallel`` / ``DataParallel`` / FSDP1 (FSDP2 keeps the module itself). A
+    replacement that was itself replaced since patching is left as it is. If a parameter of a
     replacement was reassigned (``module.weight = nn.Parameter(...)``), the original gets the new one.
+    A compiled wrapper recompiles on its next call (Dynamo guards on the modules it traced).
 
     Returns:
         A :class:`PatchSummary` of what was restored.
@@ -356,7 +395,8 @@ def unpatch(model: torch.nn.Module) -> PatchSummary:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    state = _STATE.pop(model, None)
+    key = _patched_key(model)
+    state = None if key is None else _STATE.pop(key)
     if state is None:
         raise RuntimeError("model is not patched by gradkernels (nothing to unpatch)")
     restored = []

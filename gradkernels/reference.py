@@ -4,8 +4,12 @@
 - :class:`AttentionFunction`: naive attention that saves the full B x H x Lq x Lk softmax matrix and
   backpropagates through the softmax Jacobian-vector product ``P * (dP - rowsum(P * dP))``.
 - :func:`standard_attention`: plain composed torch ops; autograd records the graph.
-
-They are also the ``"torch"`` backend of :mod:`gradkernels` (CPU tensors without the interpreter).
+- :func:`linear_forward`, :func:`linear_backward`, :func:`attention_forward`, :func:`attention_backward`:
+  the launchers of :mod:`gradkernels.ops` in plain torch, same arguments and results. They are the
+  ``"torch"`` backend of :mod:`gradkernels` (CPU tensors without the interpreter): the custom ops run
+  them instead of the kernels, so every backend shares one autograd route.
+- :func:`activation_backward`: ``grad * act'(pre)`` by torch's own activation backward ops,
+  differentiable (double backward) and exactly torch's at NaN and +-inf.
 Attention here uses the library's causal convention: bottom-right aligned, query ``i`` sees keys
 ``j <= i + Lk - Lq``. Rows that see no key give output 0 and log-sum-exp ``-inf``.
 """
@@ -35,6 +39,49 @@ def activation_fn(x: torch.Tensor, activation: str | None) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``grad * act'(pre)`` through the aten backward op torch's autograd uses for each activation.
+
+    So the result is torch's, NaN and +-inf included, and it is differentiable in ``grad`` and ``pre``
+    when grad mode is on (as torch's own activation backward is): the double backward of
+    :func:`gradkernels.linear` builds on it.
+    """
+    aten = torch.ops.aten
+    if activation is None:
+        return grad
+    if activation == "relu":
+        return aten.threshold_backward(grad, pre, 0)
+    if activation in ("gelu", "gelu_tanh"):
+        return aten.gelu_backward(grad, pre, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if activation == "silu":
+        if torch.is_grad_enabled():
+            # aten.silu_backward has no derivative: torch's autograd itself uses this composite form
+            # (infinitely_differentiable_silu_backward) whenever grad mode is on.
+            s = torch.sigmoid(pre)
+            return grad * s * (1.0 + pre * (1.0 - s))
+        return aten.silu_backward(grad, pre)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def linear_forward(x2, weight, bias=None, activation=None, store_pre=False):
+    """:func:`gradkernels.ops.linear.linear_forward` in torch: ``(out, pre)``, pre None unless stored."""
+    pre = F.linear(x2, weight, bias)
+    out = activation_fn(pre, activation)
+    return out, (pre if store_pre and activation is not None else None)
+
+
+def linear_backward(grad2, x2, weight, pre, activation, need_dx, need_dw, need_db):
+    """:func:`gradkernels.ops.linear.linear_backward` in torch: ``(dx, dw, db)``, None where not needed.
+
+    ``x2`` is read only for dW and ``weight`` only for dX. Explicit shapes: K = 0 is not ambiguous.
+    """
+    g = activation_backward(grad2, pre, activation) if pre is not None else grad2
+    dx = g @ weight if need_dx else None
+    dw = g.t() @ x2 if need_dw else None
+    db = g.sum(0) if need_db else None
+    return dx, dw, db
+
+
 class LinearFunction(torch.autograd.Function):
     """``x @ W^T + b`` saving X, W and b; backward ``dY @ W``, ``dY^T @ X``, ``dY.sum(0)``."""
 
@@ -47,8 +94,9 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        m = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) is ambiguous when in_features = 0
+        x2 = x.reshape(m, x.shape[-1])
+        g2 = grad_out.reshape(m, grad_out.shape[-1])
         dx = (g2 @ weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
         dw = g2.t() @ x2 if ctx.needs_input_grad[1] else None
         db = g2.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
@@ -81,20 +129,31 @@ def _expand_kv(q, k, v):
     return k, v
 
 
-def _scores(q, k, causal, scale, align):
+def _causal_offset(causal, lq, lk, align):
+    """The launchers' ``causal_offset`` for a causal flag and alignment: key j visible iff j <= i + offset."""
+    if not causal:
+        return None
+    return lk - lq if align == "bottom_right" else 0
+
+
+def _scores(q, k, causal_offset, scale):
     s = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        mask = causal_mask(q.shape[-2], k.shape[-2], align=align, device=q.device)
-        s = s.masked_fill(~mask, float("-inf"))
+    if causal_offset is not None:
+        i = torch.arange(q.shape[-2], device=q.device)[:, None]
+        j = torch.arange(k.shape[-2], device=q.device)[None, :]
+        s = s.masked_fill(j > i + causal_offset, float("-inf"))
     return s
 
 
 def _softmax_rows(s):
-    """Softmax over the last dim; rows with no visible key give zeros (not NaN)."""
+    """Softmax over the last dim and the row LSE; rows with no visible key give zeros (not NaN).
+
+    P is ``torch.softmax`` (``exp(s - max) / sum``), not ``exp(s - lse)``: at logits of 1e4 and more a
+    rounded LSE would cost P a relative 2^-8 in fp32. NaN in a row's scores gives a NaN row, as in torch.
+    """
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)))
-    p = torch.where(finite, p, torch.zeros_like(p))
+    empty = lse == float("-inf")
+    p = torch.where(empty, torch.zeros_like(s), torch.softmax(s, dim=-1))
     return p, lse.squeeze(-1)
 
 
@@ -104,10 +163,64 @@ def standard_attention(q, k, v, causal=False, scale=None, return_lse=False, alig
     Shapes as :func:`gradkernels.attention`: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k, v = _expand_kv(q, k, v)
-    p, lse = _softmax_rows(_scores(q, k, causal, scale, align))
-    out = p @ v
+    out, lse = attention_with_offset(q, k, v, _causal_offset(causal, q.shape[-2], k.shape[-2], align), scale)
     return (out, lse) if return_lse else out
+
+
+def attention_with_offset(q, k, v, causal_offset, scale):
+    """:func:`standard_attention` with the launchers' mask argument: ``(out, lse)`` by composed torch ops.
+
+    ``causal_offset`` None: no mask; else key j is visible to query i iff ``j <= i + causal_offset``.
+    """
+    ke, ve = _expand_kv(q, k, v)
+    p, lse = _softmax_rows(_scores(q, ke, causal_offset, scale))
+    return p @ ve, lse
+
+
+def attention_forward(q, k, v, causal_offset, scale):
+    """:func:`gradkernels.ops.attention.attention_forward` in torch: ``(out, lse, lse_lo)``.
+
+    ``out`` is laid out as the launcher lays it out (q's memory order), ``lse`` in the LSE dtype
+    (fp32; fp64 for fp64 inputs), ``-inf`` where a row sees no key, and ``lse_lo`` its residual
+    (:func:`gradkernels.ops.attention.split_lse` of the LSE of the scores taken in fp64).
+    """
+    from .ops.attention import _empty_out, lse_dtype, split_lse
+
+    ke, ve = _expand_kv(q, k, v)
+    s = _scores(q, ke, causal_offset, scale)
+    p, _ = _softmax_rows(s)
+    out = _empty_out(q, v.shape[-1])
+    out.copy_(p @ ve)
+    lse, lse_lo = split_lse(torch.logsumexp(s.double(), dim=-1), lse_dtype(q.dtype))
+    return out, lse, lse_lo
+
+
+def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, *, need_dq=True,
+                       need_dk=True, need_dv=True):
+    """:func:`gradkernels.ops.attention.attention_backward` in torch: P recomputed from q and k.
+
+    P is recomputed as a softmax of the scores (exact at any logit size, like the kernels' use of
+    ``lse_lo``); ``lse`` and ``lse_lo`` are accepted for the launcher's signature.
+
+    ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K * scale``, ``dK = dS^T Q * scale``,
+    dK and dV summed over each query-head group. Returns ``(dq, dk, dv)``, None where not needed.
+    """
+    ke, ve = _expand_kv(q, k, v)
+    p, _ = _softmax_rows(_scores(q, ke, causal_offset, scale))
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    ds = p * (grad_out @ ve.transpose(-2, -1) - delta)
+    group = q.shape[1] // k.shape[1]
+
+    def per_kv_head(t):  # (B, Hq, Lk, d) -> (B, Hkv, Lk, d): sum over the query-head group
+        return t.reshape(t.shape[0], k.shape[1], group, *t.shape[2:]).sum(2) if group > 1 else t
+
+    def like(t, value):  # in t's layout, as the launcher allocates its gradient (torch.empty_like)
+        return torch.empty_like(t).copy_(value)
+
+    dq = like(q, (ds @ ke) * scale) if need_dq else None
+    dk = like(k, per_kv_head((ds.transpose(-2, -1) @ q) * scale)) if need_dk else None
+    dv = like(v, per_kv_head(p.transpose(-2, -1) @ grad_out)) if need_dv else None
+    return dq, dk, dv
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -120,8 +233,9 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal=False, scale=None, align="bottom_right"):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        offset = _causal_offset(causal, q.shape[-2], k.shape[-2], align)
         ke, ve = _expand_kv(q, k, v)
-        p, _ = _softmax_rows(_scores(q, ke, causal, scale, align))
+        p, _ = _softmax_rows(_scores(q, ke, offset, scale))
         ctx.save_for_backward(q, k, v, p)
         ctx.scale = scale
         return p @ ve

@@ -2,7 +2,8 @@
 
 Activations are selected by a string constexpr (None, "relu", "gelu", "gelu_tanh", "silu"), resolved at
 compile time, so each specialisation carries only its own code. They compute in the accumulator dtype
-(fp32, or fp64 for fp64 inputs).
+(fp32, or fp64 for fp64 inputs), and propagate NaN and +-inf forward and backward as
+``torch.nn.functional`` does.
 """
 
 import triton
@@ -53,7 +54,8 @@ def _tanh(x):
 def apply_activation(x, ACTIVATION: tl.constexpr):
     """``act(x)`` for the activation named by ``ACTIVATION`` (None = identity)."""
     if ACTIVATION == "relu":
-        return tl.where(x > 0, x, 0.0)
+        # x < 0 is False for NaN: NaN passes through, as torch.relu keeps it.
+        return tl.where(x < 0, 0.0, x)
     elif ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.math.erf(x * _RSQRT2))
     elif ACTIVATION == "gelu_tanh":
@@ -66,9 +68,14 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def activation_grad(x, ACTIVATION: tl.constexpr):
-    """``act'(x)``; the backward multiplies the incoming gradient by it while loading."""
+    """``act'(x)``; the backward multiplies the incoming gradient by it while loading.
+
+    At NaN and +-inf these give what torch's autograd gives: relu passes the gradient at NaN (torch's
+    threshold_backward zeroes only where x <= 0); the others give NaN at NaN and at +-inf (an inf * 0
+    in the same place as torch's formulas).
+    """
     if ACTIVATION == "relu":
-        return tl.where(x > 0, 1.0, 0.0)
+        return tl.where(x <= 0, 0.0, 1.0)
     elif ACTIVATION == "gelu":
         cdf = 0.5 * (1.0 + tl.math.erf(x * _RSQRT2))
         return cdf + x * tl.exp(-0.5 * x * x) * _RSQRT_2PI

@@ -1,4 +1,5 @@
-"""torch.library custom ops: opcheck for every op, and torch.compile(fullgraph=True) of a patched model.
+"""torch.library custom ops: opcheck for every op, gradcheck through the one autograd route, and
+torch.compile(fullgraph=True) of a patched model.
 
 The compile test is the expensive one (Inductor's first compile on CPU takes tens of seconds): one model,
 forward and backward, checked against the fp64 reference like every other test.
@@ -10,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradkernels import custom_ops, functional, patching
-from gradkernels.autograd import AttentionFunction, LinearFunction
+from gradkernels import autograd, custom_ops, patching
 from gradkernels.models import TinyLM, TinyLMConfig, make_batches
 
 from utils import DEVICE, assert_close
@@ -19,14 +19,15 @@ from utils import DEVICE, assert_close
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
 
 
-# opcheck tests the schema, the fake implementation, the autograd registration and AOT dispatch: the
-# kernel math is the same for every activation (covered by the gradcheck below), so two suffice.
+# opcheck tests the schema, the fake implementation and AOT dispatch: the kernel math is the same for
+# every activation (covered by the gradcheck below), so two suffice. The ops carry no autograd of their
+# own (gradkernels.autograd's Functions call them with grad mode off), so inputs do not require grad.
 @pytest.mark.parametrize("activation,with_bias,store_pre", [(None, True, False), ("gelu", False, True),
                                                             ("silu", True, False)])
 def test_opcheck_linear_fwd(activation, with_bias, store_pre):
-    x = torch.randn(37, 40, device=DEVICE, requires_grad=True)
-    w = torch.randn(23, 40, device=DEVICE, requires_grad=True)
-    b = torch.randn(23, device=DEVICE, requires_grad=True) if with_bias else None
+    x = torch.randn(37, 40, device=DEVICE)
+    w = torch.randn(23, 40, device=DEVICE)
+    b = torch.randn(23, device=DEVICE) if with_bias else None
     torch.library.opcheck(custom_ops.linear_fwd, (x, w, b, activation, store_pre))
 
 
@@ -47,16 +48,16 @@ def test_opcheck_linear_bwd(needs):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_custom_op_linear_gradcheck(activation):
-    """fp64 gradcheck through the custom ops' autograd registration (the path torch.compile uses)."""
+    """fp64 gradcheck through the autograd Function over the custom ops (eager and compiled route)."""
     x = torch.randn(2, 5, 9, device=DEVICE, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 9, device=DEVICE, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, device=DEVICE, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: custom_ops.linear(x, w, b, activation), (x, w, b), fast_mode=True
+        lambda x, w, b: autograd.linear(x, w, b, activation), (x, w, b), fast_mode=True
     )
     # Frozen weight and input, trainable bias: the bias-only backward branch.
     assert torch.autograd.gradcheck(
-        lambda b: custom_ops.linear(x.detach(), w.detach(), b, activation), (b,), fast_mode=True
+        lambda b: autograd.linear(x.detach(), w.detach(), b, activation), (b,), fast_mode=True
     )
 
 
@@ -64,9 +65,9 @@ def test_custom_op_linear_gradcheck(activation):
 @pytest.mark.parametrize("causal", ["none", "bottom_right", "top_left"])
 def test_opcheck_attention_fwd(causal):
     # GQA (4 query heads on 2 kv heads), Lq != Lk, Dv != D, and q read through a transposed view.
-    q = torch.randn(1, 37, 4, 40, device=DEVICE, requires_grad=True).transpose(1, 2)
-    k = torch.randn(1, 2, 23, 40, device=DEVICE, requires_grad=True)
-    v = torch.randn(1, 2, 23, 24, device=DEVICE, requires_grad=True)
+    q = torch.randn(1, 37, 4, 40, device=DEVICE).transpose(1, 2)
+    k = torch.randn(1, 2, 23, 40, device=DEVICE)
+    v = torch.randn(1, 2, 23, 24, device=DEVICE)
     offset = {"none": None, "bottom_right": 23 - 37, "top_left": 0}[causal]
     torch.library.opcheck(custom_ops.attention_fwd, (q, k, v, offset, 0.2))
 
@@ -83,37 +84,15 @@ def test_opcheck_attention_bwd(needs):
 
 @pytest.mark.parametrize("offset", [None, -3, 0])
 def test_custom_op_attention_gradcheck(offset):
-    """fp64 gradcheck through the attention ops' autograd registration; GQA, Lq != Lk."""
+    """fp64 gradcheck through the attention Function over the custom ops; GQA, Lq != Lk."""
     q = torch.randn(1, 2, 5, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 1, 7, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 1, 7, 4, device=DEVICE, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: custom_ops.attention(q, k, v, offset, 0.4)[0], (q, k, v), fast_mode=True
+        lambda q, k, v: autograd.attention(q, k, v, offset, 0.4)[0], (q, k, v), fast_mode=True
     )
-    out, lse = custom_ops.attention(q, k, v, offset, 0.4)
+    out, lse = autograd.attention(q, k, v, offset, 0.4)
     assert not lse.requires_grad
-
-
-class _CompileDispatch:
-    """What functional.py does once wired: the custom op under torch.compile, the Function otherwise."""
-
-    def __init__(self, function, op):
-        self.function, self.op = function, op
-
-    def apply(self, *args):
-        if torch.compiler.is_compiling():
-            return self.op(*args)
-        return self.function.apply(*args)
-
-
-@pytest.fixture
-def compile_wiring(monkeypatch):
-    # Stands in for the dispatch gradkernels/functional.py gets (it imports custom_ops and calls it when
-    # torch.compiler.is_compiling()); once functional.py has it, this fixture does nothing.
-    if not hasattr(functional, "custom_ops"):
-        monkeypatch.setattr(functional, "LinearFunction", _CompileDispatch(LinearFunction, custom_ops.linear))
-        monkeypatch.setattr(functional, "AttentionFunction",
-                            _CompileDispatch(AttentionFunction, custom_ops.attention))
 
 
 @pytest.fixture
@@ -135,7 +114,7 @@ def count_launches(monkeypatch):
     return calls
 
 
-def test_compile_fullgraph_patched_model(compile_wiring, count_launches):
+def test_compile_fullgraph_patched_model(count_launches):
     torch._dynamo.reset()
     cfg = TinyLMConfig()
     torch.manual_seed(0)

@@ -186,14 +186,17 @@ def linear_backward(grad2, x2, weight, pre, activation, need_dx, need_dw, need_d
     if need_dx:
         dx = torch.empty((m, weight.shape[1]), device=grad2.device, dtype=grad2.dtype)
         matmul(grad2, weight, out=dx, pre_in=pre, prologue_act=act, role="dx")
-    if need_dw:
+    if need_dw and x2.shape[1] == 0:
+        # in_features = 0: dW is empty, but the bias gradient is still the row sum of dY' (below).
+        dw = torch.empty((n, 0), device=grad2.device, dtype=grad2.dtype)
+    elif need_dw:
         k = x2.shape[1]
         dw = torch.empty((n, k), device=grad2.device, dtype=grad2.dtype)
         db = torch.empty((n,), device=grad2.device, dtype=grad2.dtype) if need_db else None
         dw_split = K.choose_split(n, k, m, _device.num_sms()) if split is None else split
         matmul(grad2.t(), x2, out=dw, pre_in=None if pre is None else pre.t(), prologue_act=act,
                row_sum=db, split=dw_split, role="dw")
-    elif need_db:
+    if need_db and db is None:
         # Bias trainable with a frozen weight: the dW launch against a column of ones is a one-pass
         # row reduction of dY' = dY * act'(pre) that still applies act' while loading.
         ones = grad2.new_ones((m, 1))

@@ -1,0 +1,46 @@
+"""README.md's Python examples run as written (on whatever device this machine has: they pick it).
+
+Each ```python block is executed on its own, in a fresh namespace. A block may opt out with a first line
+``# readme-test: not run (<reason>)``; it is then only compiled (syntax). None does today: the
+transformers example builds a tiny model from a config (no download) and is skipped only when the
+optional transformers extra is not installed.
+"""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+NOT_RUN = re.compile(r"^# readme-test: not run \((.+)\)$")
+
+
+def _blocks():
+    text = README.read_text()
+    blocks = []
+    for match in re.finditer(r"^```python\n(.*?)^```$", text, flags=re.S | re.M):
+        line = text.count("\n", 0, match.start()) + 1
+        blocks.append(pytest.param(match.group(1), line, id=f"line{line}"))
+    return blocks
+
+
+BLOCKS = _blocks()
+
+
+def test_readme_has_python_examples():
+    assert len(BLOCKS) >= 4
+
+
+@pytest.mark.parametrize("code,line", BLOCKS)
+def test_readme_python_block_runs(code, line):
+    first = code.splitlines()[0]
+    compiled = compile(code, f"README.md:{line}", "exec")
+    not_run = NOT_RUN.match(first)
+    if not_run:
+        pytest.skip(f"README.md:{line} is marked not run: {not_run.group(1)}")
+    if "import transformers" in code:
+        pytest.importorskip("transformers", reason="the optional transformers extra is not installed")
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compiled, {"__name__": "__readme__"})
