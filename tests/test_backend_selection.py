@@ -94,7 +94,7 @@ def test_custom_ops_pass_opcheck_on_the_torch_backend():
         torch.library.opcheck(custom_ops.linear_fwd, (x, w, b, "gelu", True))
         torch.library.opcheck(custom_ops.linear_bwd, (g, x, w, torch.randn(9, 5, **d64), "silu", True, True, True))
         torch.library.opcheck(custom_ops.linear_bwd, (g, None, w, None, None, True, False, True))
-        out, lse = custom_ops.attention_fwd(q, k, v, -2, 0.3)
+        out, lse, lse_lo = custom_ops.attention_fwd(q, k, v, -2, 0.3)
         torch.library.opcheck(custom_ops.attention_fwd, (q, k, v, -2, 0.3))
         torch.library.opcheck(custom_ops.attention_bwd,
-                              (torch.randn_like(out), q, k, v, out, lse, -2, 0.3, True, False, True))
+                              (torch.randn_like(out), q, k, v, out, lse, lse_lo, -2, 0.3, True, False, True))

@@ -141,8 +141,8 @@ def linear_saved_model(provider: str, case: LinearCase, x_grad: bool = True, w_g
 def attention_saved_model(provider: str, case: AttentionCase) -> tuple[int, int]:
     """``(activation_bytes, param_bytes)`` that ``provider`` saves for attention (no parameters).
 
-    - ``gradkernels``: q, k, v, the output (B, H, L, D) and the log-sum-exp (B, H, L) in fp32 (fp64 for
-      fp64): the backward recomputes P block by block from them.
+    - ``gradkernels``: q, k, v, the output (B, H, L, D), the log-sum-exp and its rounding residual
+      (two (B, H, L) rows in fp32, fp64 for fp64): the backward recomputes P block by block from them.
     - ``naive`` (``reference.AttentionFunction``): q, k, v and the softmax P (B, H, L, L) in the input dtype.
     """
     es = _size(case.dtype)
@@ -150,7 +150,7 @@ def attention_saved_model(provider: str, case: AttentionCase) -> tuple[int, int]
     if provider == "gradkernels":
         lse_es = 8 if case.dtype == torch.float64 else 4
         out = case.B * case.H * case.L * case.D * es
-        lse = case.B * case.H * case.L * lse_es
+        lse = 2 * case.B * case.H * case.L * lse_es  # the LSE and its residual lse_lo
         return qkv + out + lse, 0
     if provider == "naive":
         return qkv + case.B * case.H * case.L * case.L * es, 0
