@@ -1,4 +1,5 @@
-"""The GPU architectures the tile policy knows: what one thread block may use on each.
+"""The GPU architectures the tile policy knows: what one thread block may use on each, and how a
+kernel's matmuls run for a dtype (:func:`matmul_path`).
 
 One table for the config modules (``linear_configs``, ``attention_configs``: shared memory a tile may
 take) and the AOT report (``gradkernels.aot``: the limits a compiled kernel is judged by). Values from the

@@ -187,8 +187,9 @@ def test_cli_runs_in_a_fresh_process_with_the_interpreter_set(tmp_path):
 def test_cli_rejects_bad_arguments(capsys):
     """Bad values exit with status 2 and name the argument, with or without the ``check`` subcommand."""
     for argv, msg in ((["--arch", "75"], "unsupported"), (["--arch", "x"], "integers"),
-                      (["--dtype", "fp8"], "fp8"), (["--jobs", "0"], "--jobs"), (["check", "--arch", "75"], "unsupported"),
-                      (["tiles", "--write", "x.py"], "--from"), (["check", "--tiles-from", "a"], "unrecognized")):
+                      (["--dtype", "fp8"], "fp8"), (["--jobs", "0"], "--jobs"),
+                      (["check", "--arch", "75"], "unsupported"), (["tiles", "--write", "x.py"], "--from"),
+                      (["check", "--tiles-from", "a"], "unrecognized")):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2
