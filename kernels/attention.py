@@ -43,7 +43,7 @@ D, Dv <= 256 and not necessarily powers of two (masked loads over ``BLOCK_D`` = 
 >= max(D, 16)). Batch/head/row offsets are int64. LSE: (B, Hq, Lq), fp32 (fp64 for fp64 inputs).
 
 Head dims above 128 (BLOCK_D = 256): the backward computes dK and dV in two launches of the dK/dV
-kernel, one accumulator each (``attention_configs.split_dkdv``), and fp32 with tf32 allowed runs its
+kernel, one accumulator each (``attention_configs.wide_heads``), and fp32 with tf32 allowed runs its
 backward in full fp32 ("ieee"; ``attention_configs.backward_precision``): the configs that compile clean
 for sm_80/sm_90 need both.
 

@@ -6,7 +6,7 @@
 - :func:`keep`: whether a tile compiled clean for a launch's key in the generated table
   ``kernels/attention_tiles.py`` (and fits shared memory on uncalibrated parts); :func:`prune`: the
   configs one launch may time, what the launchers' autotuners and the AOT report both call.
-- The launch rules at head dims above 128 (:func:`wide_heads`): :func:`split_dkdv`,
+- The launch rules at head dims above 128 (:func:`wide_heads`): dK and dV in two launches,
   :func:`backward_precision`, :func:`tile_variant`.
 - :func:`seqlen_bucket` (autotune keys), :func:`head_block` (``BLOCK_D``), :func:`preprocess_config`,
   :func:`hopeless` (what the AOT calibration runs skip), and the interpreter's pinned tiles.
@@ -199,18 +199,15 @@ def preprocess_config(head_dim_v, dtype_bytes):
 
 
 def wide_heads(head_dim, head_dim_v):
-    """Whether a launch's head-dim block is 256 (D or Dv above 128), where the backward launches differ:
-    :func:`split_dkdv`, :func:`backward_precision`, :func:`tile_variant`."""
+    """Whether a launch's head-dim block is 256 (D or Dv above 128), where the backward launches differ.
+
+    - dK and dV come from two launches of the dK/dV kernel, one accumulator each: two accumulators
+      beside the K and V tiles leave no tile that compiles without spills on sm_90, one per launch
+      leaves some. The second launch recomputes P (about a third more backward work at these head dims).
+    - :func:`backward_precision` turns tf32 into "ieee"; :func:`tile_variant` names the single-gradient
+      dK/dV launches.
+    """
     return max(head_block(head_dim), head_block(head_dim_v)) > 128
-
-
-def split_dkdv(head_dim, head_dim_v):
-    """Whether the backward computes dK and dV in two launches of the dK/dV kernel, one accumulator each.
-
-    At head dims above 128 (:func:`wide_heads`) the two accumulators beside the K and V tiles leave no
-    tile that compiles without spills on sm_90; with one accumulator per launch some do. The second
-    launch recomputes P (about a third more backward work at these head dims)."""
-    return wide_heads(head_dim, head_dim_v)
 
 
 def backward_precision(input_precision, head_dim, head_dim_v):
@@ -224,7 +221,7 @@ def backward_precision(input_precision, head_dim, head_dim_v):
 
 def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True):
     """The key of ``CLEAN_TILES`` a launch is checked under: "fwd", "dq", "dkdv" or, for dK/dV launches
-    with one accumulator at head dims above 128 (:func:`split_dkdv`), "dkdv_dk" / "dkdv_dv"."""
+    with one accumulator at head dims above 128 (:func:`wide_heads`), "dkdv_dk" / "dkdv_dv"."""
     _check_kernel(kernel)
     if kernel == "dkdv" and wide_heads(head_dim, head_dim_v) and not (compute_dk and compute_dv):
         return "dkdv_dk" if compute_dk else "dkdv_dv"
@@ -284,7 +281,7 @@ def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_di
         kernel: "fwd", "dkdv" or "dq".
         input_precision: the launch's ``INPUT_PRECISION`` ("tf32" or "ieee"); decides the path of fp32
             inputs. None: "ieee" (torch's default for fp32 matmuls).
-        compute_dk, compute_dv: the dK/dV launch's ``COMPUTE_DK`` / ``COMPUTE_DV`` (see :func:`split_dkdv`).
+        compute_dk, compute_dv: the dK/dV launch's ``COMPUTE_DK`` / ``COMPUTE_DV`` (see :func:`wide_heads`).
     """
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     bd, bdv = head_block(head_dim), head_block(head_dim_v)

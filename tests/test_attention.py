@@ -260,7 +260,7 @@ def test_only_requested_gradients_are_computed(which, monkeypatch):
 
 def test_large_head_dim_splits_dkdv_into_two_launches(monkeypatch):
     """D > 128 computes dK and dV in two launches of the dK/dV kernel (one accumulator each, see
-    kernels/attention_configs.py::split_dkdv); both gradients still match the oracles (fp64, GQA, Dv != D)."""
+    kernels/attention_configs.py::wide_heads); both gradients still match the oracles (fp64, GQA, Dv != D)."""
     q, k, v = _qkv(1, 4, 2, 29, 37, 160, 136, torch.float64)
     launched = []
     launch = attention_ops._launch
@@ -271,8 +271,8 @@ def test_large_head_dim_splits_dkdv_into_two_launches(monkeypatch):
     ours = (out, lse, *_grads(out, (q, k, v), grad_out))
     dkdv = [(f["COMPUTE_DK"], f["COMPUTE_DV"]) for kind, f in launched if kind == "dkdv"]
     assert dkdv == [(True, False), (False, True)]
-    assert not attention_configs.split_dkdv(128, 128) and attention_configs.split_dkdv(256, 256)
-    assert attention_configs.split_dkdv(64, 256)
+    assert not attention_configs.wide_heads(128, 128) and attention_configs.wide_heads(256, 256)
+    assert attention_configs.wide_heads(64, 256)
     ref, same = _oracles(q, k, v, grad_out, True, 1 / math.sqrt(160))
     _check_all(ours, same, ref, torch.float64)
 

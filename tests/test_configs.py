@@ -153,7 +153,7 @@ def _tile(c):
 def _launches(dtype_bytes, precision, d):
     """(kernel, input_precision, compute_dk, compute_dv) of every launch the launchers make at head dim d."""
     bwd = AC.backward_precision(precision, d, d)
-    kv = [(True, False), (False, True)] if AC.split_dkdv(d, d) else [(True, True)]
+    kv = [(True, False), (False, True)] if AC.wide_heads(d, d) else [(True, True)]
     return [("fwd", precision, True, True), ("dq", bwd, True, True)] + [("dkdv", bwd, dk, dv) for dk, dv in kv]
 
 
@@ -218,7 +218,7 @@ def test_variants_precision_and_split_rules():
         AC.tile_variant("bwd", 64, 64)
     assert AC.backward_precision("tf32", 256, 256) == "ieee" and AC.backward_precision("tf32", 128, 128) == "tf32"
     assert AC.backward_precision("ieee", 256, 256) == "ieee" and AC.backward_precision(None, 256, 64) is None
-    assert AC.split_dkdv(160, 64) and not AC.split_dkdv(128, 128)
+    assert AC.wide_heads(160, 64) and not AC.wide_heads(128, 128)
     assert arch_table.matmul_path(4, "tf32") == "tc32" and arch_table.matmul_path(4, None) == "fma32" and arch_table.matmul_path(8, "tf32") == "fma64"
     assert AC.preprocess_config(256, 8) == {"BLOCK_M": 32} and AC.preprocess_config(64, 2) == {"BLOCK_M": 64}
 

@@ -240,7 +240,7 @@ def attention_backward(grad_out, q, k, v, out, lse, causal_offset, scale, *, nee
         def grid_kv(meta):
             return (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)
 
-        if need_dk and need_dv and configs.split_dkdv(d, dvdim):
+        if need_dk and need_dv and configs.wide_heads(d, dvdim):
             passes = ((True, False), (False, True))  # one accumulator per launch (registers)
         else:
             passes = ((need_dk, need_dv),)
