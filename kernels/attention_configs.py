@@ -51,10 +51,9 @@ class Tile:
                    getattr(config, "maxnreg", None))
 
 
-# In each list the tiles of the first version come first (4-warp tiles, 16-row ones for short query
-# blocks), then those added with the tile table: wide 8-warp tiles for D = 256, small tiles on 8 and 16
-# warps for the FMA paths (fp32 "ieee", fp64), maxnreg variants where ptxas otherwise aims at occupancy
-# and spills. Order matters only for ties: prune() sorts by area, stably.
+# Each list holds general tiles (16-row ones for short query blocks), wide 8-warp tiles for D = 256, small
+# tiles on 8 and 16 warps for the FMA paths (fp32 "ieee", fp64), and maxnreg variants where ptxas otherwise
+# aims at occupancy and spills. Order matters only for ties: prune() sorts by area, stably.
 FWD_TILES = (
     Tile(block_m=128, block_n=128, num_warps=8, num_stages=3),
     Tile(block_m=128, block_n=64, num_warps=8, num_stages=3),
