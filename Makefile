@@ -29,7 +29,7 @@ test: $(VENV)/.installed
 # The full AOT compile report for sm_80/sm_90 (every kernel, config the autotuner can pick, dtype):
 # exits 1 when one fails. CI runs it after `make test`.
 aot-check: $(VENV)/.installed
-	$(VPY) -m gradkernels.aot --failures-only
+	$(VPY) -m gradkernels.aot check --failures-only
 
 # Everything, slow tests (full AOT report, torch.compile) included.
 test-all: $(VENV)/.installed
@@ -39,7 +39,7 @@ bench: $(VENV)/.installed
 	$(VPY) -m gradkernels.bench all --out $(OUT)
 
 aot: $(VENV)/.installed
-	$(VPY) -m gradkernels.aot
+	$(VPY) -m gradkernels.aot check
 
 # On a CUDA machine without network: see bench/gpu_run.sh and README.
 gpu:

@@ -9,10 +9,10 @@
 #              torch/triton are used as they are)
 #   tests      python3 -m pytest -n 4 -m "not slow" tests   (on CUDA: bf16 included, longer sequences)
 #   bench      python3 -m gradkernels.bench all --quick --out OUTDIR/bench, TRITON_PRINT_AUTOTUNING=1
-#   aot        python3 -m gradkernels.aot --arch native: this GPU's architecture, every config; checks the
-#              configs the autotuner picked during `bench` against it
-#   aot_real   the same compile for a few cases, launched for real: AOT registers/spills/smem vs the
-#              loaded kernel's
+#   aot        python3 -m gradkernels.aot check --arch native: this GPU's architecture, every config;
+#              checks the configs the autotuner picked during `bench` against it
+#   aot_real   python3 -m gradkernels.aot compare-real: the same compile for a few cases, launched for
+#              real: AOT registers/spills/smem vs the loaded kernel's
 #   tests_slow python3 -m pytest -n 4 -m slow tests, with the time that is left
 # then a summary table, printed last (also in OUTDIR/summary.txt).
 #
@@ -84,12 +84,12 @@ step_bench() {
 step_aot() {
     local picks=()
     if [[ -s "$OUT/bench.log" ]]; then picks=(--autotune-log "$OUT/bench.log"); fi
-    "$PY" -m gradkernels.aot --arch native --failures-only --json "$OUT/aot.json" "${picks[@]}"
+    "$PY" -m gradkernels.aot check --arch native --failures-only --json "$OUT/aot.json" "${picks[@]}"
 }
 step_aot_real() {
-    "$PY" -m gradkernels.aot --arch native --kernel linear --case fwd-gelu,dw-gelu-split \
-        --dtype bf16,fp32-tf32 --compare-real &&
-    "$PY" -m gradkernels.aot --arch native --kernel attn --case attn-fwd-d128-causal --dtype bf16 --compare-real
+    "$PY" -m gradkernels.aot compare-real --arch native --kernel linear --case fwd-gelu,dw-gelu-split \
+        --dtype bf16,fp32-tf32 &&
+    "$PY" -m gradkernels.aot compare-real --arch native --kernel attn --case attn-fwd-d128-causal --dtype bf16
 }
 step_tests_slow() {
     "$PY" -m pytest -n "$WORKERS" -q -m slow -p no:cacheprovider --junitxml="$OUT/tests_slow.xml" tests

@@ -166,3 +166,18 @@ def cuda_capability() -> tuple[int, int] | None:
     if torch.cuda.is_available():
         return torch.cuda.get_device_capability()
     return None
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability of a device as an int (80 for sm_80, 90 for sm_90, ...), what the tile rules of
+    ``kernels/*_configs.py`` take.
+
+    A CUDA device answers its own; any other device (a CPU tensor handed to an autotuner's prune in a
+    test) is taken for ``kernels.arch.DEFAULT_ARCH`` (sm_90).
+    """
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    from .kernels.arch import DEFAULT_ARCH
+
+    return DEFAULT_ARCH

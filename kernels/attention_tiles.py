@@ -2,12 +2,13 @@
 
 Source: 9936 report rows; ?; triton 3.9.0, torch 2.13.0+cpu, ptxas 12.9, ptxas-blackwell 13.4.
 Regenerate after a kernel change or a Triton upgrade (see bench/GPU.md):
-    python -m gradkernels.aot --kernel attention --include-pruned --json report.json  # ~1 h, 2 cores
-    python -m gradkernels.aot --tiles-from report.json --write-tiles kernels/attention_tiles.py
+    python -m gradkernels.aot check --kernel attention --include-pruned --json report.json  # ~1 h, 2 cores
+    python -m gradkernels.aot tiles --from report.json --write kernels/attention_tiles.py
 
-CLEAN_TILES[arch][variant][path][block_d]: (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) tuples
-that compiled without spills, within shared memory and (16-bit and tf32 paths) with the
-architecture's tensor-core instructions for every launch of the report with that key.
+CLEAN_TILES[arch][variant][path][block_d]: (block_m, block_n, num_warps, num_stages, maxnreg) tuples
+(the fields of kernels.attention_configs.Tile) that compiled without spills, within shared memory
+and (16-bit and tf32 paths) with the architecture's tensor-core instructions for every launch of
+the report with that key.
 """
 
 CLEAN_TILES = {

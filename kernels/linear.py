@@ -12,7 +12,7 @@ Algorithm
     Output tiles are visited in grouped order (GROUP_M rows of tiles at a time) for L2 reuse, as in the
     Triton matmul tutorial. When the output tiles cannot fill the GPU (small M in forward, a narrow layer's
     dW over many tokens), the reduction dimension is split: each split writes an fp32 (fp64) partial tile
-    and ``_linear_split_reduce_kernel`` sums the partials in a fixed order and applies the epilogue. No
+    and ``linear_split_reduce_kernel`` sums the partials in a fixed order and applies the epilogue. No
     atomics anywhere, so results are bitwise identical from run to run.
 
 Follows: Triton tutorial 03 (matrix multiplication), Liger-Kernel and attorch (three tiers: jit kernel,
@@ -23,147 +23,14 @@ torch allows it: INPUT_PRECISION), fp64 (fp64 accumulation). Accumulation in fp3
 
 Shapes: any M, N, K >= 1, any strides; row/column offsets are int64 so tensors past 2^31 elements work.
 Limits: fp64 and fp32 use smaller tiles (shared memory); no fp8.
+
+Tiles, split-K and the autotune keys: ``linear_configs.py``.
 """
 
 import triton
 import triton.language as tl
 
 from ._common import activation_grad, apply_activation, load_tile, store_tile
-
-# ----------------------------------------------------------------------------------------------------
-# Config factories
-# ----------------------------------------------------------------------------------------------------
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, maxnreg])
-_MATMUL_TILES = [
-    (128, 256, 64, 8, 8, 3),
-    (256, 128, 64, 8, 8, 3),
-    (128, 128, 64, 8, 8, 4),
-    (128, 128, 32, 8, 4, 4),
-    (128, 64, 64, 8, 4, 4),
-    (64, 128, 64, 8, 4, 4),
-    (64, 64, 64, 8, 4, 4),
-    (64, 64, 32, 8, 4, 3),
-    (32, 64, 32, 8, 4, 3),
-    # Last: the launchers' fallback when keep() rejects every tile (fp64 with a fused activation
-    # derivative, whose erf alone takes most of the registers): 16 rows, the least tl.dot takes.
-    # maxnreg=255: without it ptxas caps registers to fit more blocks per SM and spills a few bytes
-    # (fp64 dW with gelu on sm_90: 168 registers + 16 B of stack); with it, at most 232 and no spill.
-    (16, 32, 16, 8, 4, 3, 255),
-]
-
-# Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config.
-# Small enough that test shapes such as 97 or 257 span several tiles and exercise the masks.
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-
-# Tiles of the split-K reduce kernel (memory bound: wide rows for coalescing).
-REDUCE_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128}
-REDUCE_WARPS = 4
-
-# Shared memory per SM usable by one CTA (bytes): sm_80 164 KiB - 1 KiB reserved; sm_90 228 - 1 KiB.
-SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-
-
-def matmul_smem_bytes(block_m, block_n, block_k, num_stages, dtype_bytes):
-    """Shared memory the software pipeline needs: one A and one B tile per stage."""
-    return (block_m * block_k + block_k * block_n) * dtype_bytes * num_stages
-
-
-def keep(config, dtype_bytes, arch=90, flags=None):
-    """Whether a matmul config suits a launch on ``arch`` with operands of ``dtype_bytes`` bytes.
-
-    The rule the autotune lists are pruned by, calibrated and checked with the AOT compile report
-    (``python -m gradkernels.aot --kernel linear --include-pruned``: every config this keeps must
-    compile for sm_80 and sm_90 without spills, within shared memory, on tensor cores):
-
-    - the pipeline buffers fit shared memory (``SMEM_LIMIT``);
-    - on sm_90, tensor-core tiles have 64 rows per warp group (wgmma; smaller tiles fall back to
-      mma.sync);
-    - the tiles a program keeps in registers fit a per-thread budget. Estimated in 32-bit words per
-      thread: the accumulator; the operand fragments where they live in registers (twice, on the FMA
-      path of fp64 / fp32 "ieee"; (A + B) x bytes / 8 through sm_80's mma.sync; wgmma reads them
-      from shared memory); what a fused activation keeps live: its derivative in the prologue about
-      four A tiles besides one accumulator, an epilogue activation one accumulator, the bias-gradient
-      row sums of dW half of one. The budgets per architecture and path are calibrated on the AOT
-      report: they are the largest that keep no spilling config for any launch it compiles. They are
-      not register counts; on sm_80 they are low for 4-byte operands because its ptxas trades a few
-      spilled bytes for occupancy whenever the block size is known (see bench/GPU.md).
-
-    Args:
-        config: a ``triton.Config`` from :func:`get_linear_configs`.
-        dtype_bytes: element size of the operands (2, 4 or 8).
-        arch: compute capability as an int (80, 86, 89, 90).
-        flags: the launch's constexpr flags as the autotuner hands them to its prune (``PROLOGUE_ACT``,
-            ``EPILOGUE_ACT``, ``ROW_SUM``, ``INPUT_PRECISION``). None when unknown: then the config must
-            suit every kind of launch (forward with an activation, dW with one and the bias gradient).
-
-    Returns:
-        True if the autotuner may try the config.
-    """
-    if flags is None:
-        precisions = ("tf32", "ieee") if dtype_bytes == 4 else ("ieee",)
-        return all(keep(config, dtype_bytes, arch, dict(kind, INPUT_PRECISION=p))
-                   for p in precisions
-                   for kind in ({"EPILOGUE_ACT": "gelu"}, {"PROLOGUE_ACT": "gelu", "ROW_SUM": True}))
-    kw = config.kwargs
-    bm, bn, bk, warps = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps
-    if matmul_smem_bytes(bm, bn, bk, config.num_stages, dtype_bytes) > SMEM_LIMIT.get(arch, SMEM_LIMIT[80]):
-        return False
-    fma = dtype_bytes == 8 or (dtype_bytes == 4 and flags.get("INPUT_PRECISION") != "tf32")
-    if arch >= 90 and not fma and bm < 16 * warps:
-        return False
-    threads = 32 * warps
-    wide = 2 if dtype_bytes == 8 else 1  # fp64 values take two registers
-    acc = bm * bn * wide / threads
-    a_tile = bm * bk * wide / threads
-    b_tile = bk * bn * wide / threads
-    words = acc
-    if fma:
-        words += 2 * (a_tile + b_tile)
-    elif arch < 90:
-        words += (a_tile + b_tile) * dtype_bytes / 8
-    if flags.get("EPILOGUE_ACT") is not None:
-        words += acc
-    if flags.get("PROLOGUE_ACT") is not None:
-        words += acc + 4 * a_tile
-    if flags.get("ROW_SUM"):
-        words += acc / 2
-    path = ("fma64" if dtype_bytes == 8 else "fma32") if fma else ("tc16" if dtype_bytes == 2 else "tc32")
-    budget = {80: {"tc16": 160, "tc32": 48, "fma32": 96, "fma64": 160},
-              90: {"tc16": 192, "tc32": 192, "fma32": 208, "fma64": 160}}[90 if arch >= 90 else 80]
-    return words <= budget[path]
-
-
-def get_linear_configs():
-    """Every config the matmul autotuner may try (before pruning by :func:`keep`)."""
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s,
-                      maxnreg=maxnreg[0] if maxnreg else None)
-        for bm, bn, bk, g, w, s, *maxnreg in _MATMUL_TILES
-    ]
-
-
-def choose_split(m, n, k, num_sms, tile=128, min_k_per_split=256, max_split=16):
-    """How many ways to split the reduction of an (m x k) @ (k x n) product.
-
-    1 when the (m, n) output tiles already fill half the GPU's SMs; otherwise enough splits to fill it,
-    each with at least ``min_k_per_split`` of the reduction. The result does not depend on the split
-    count beyond rounding: partials are summed in a fixed order.
-    """
-    tiles = triton.cdiv(m, tile) * triton.cdiv(n, tile)
-    if tiles == 0 or tiles * 2 >= num_sms:
-        return 1
-    return max(1, min(max_split, num_sms // tiles, k // min_k_per_split))
-
-
-def bucket(n):
-    """Autotune key bucket: the next power of two, so a new batch size does not retune or recompile."""
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -181,7 +48,7 @@ def _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
 
 
 @triton.jit
-def _linear_kernel(
+def linear_kernel(
     # pointers
     A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM,
     # sizes
@@ -259,7 +126,7 @@ def _linear_kernel(
 
 
 @triton.jit
-def _linear_split_reduce_kernel(
+def linear_split_reduce_kernel(
     # pointers
     WS, C, BIAS, PRE_OUT,
     # sizes

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import gradkernels
 from gradkernels import reference, testing
-from gradkernels.kernels import attention as KA
+from gradkernels.kernels import attention_configs
 from gradkernels.ops import attention as attention_ops
 from utils import DEVICE, ON_GPU, assert_close
 
@@ -247,7 +247,7 @@ def test_only_requested_gradients_are_computed(which, monkeypatch):
 
 def test_large_head_dim_splits_dkdv_into_two_launches(monkeypatch):
     """D > 128 computes dK and dV in two launches of the dK/dV kernel (one accumulator each, see
-    kernels/attention.py::split_dkdv); both gradients still match the oracles (fp64, GQA, Dv != D)."""
+    kernels/attention_configs.py::wide_heads); both gradients still match the oracles (fp64, GQA, Dv != D)."""
     q, k, v = _qkv(1, 4, 2, 29, 37, 160, 136, torch.float64)
     launched = []
     launch = attention_ops._launch
@@ -258,7 +258,8 @@ def test_large_head_dim_splits_dkdv_into_two_launches(monkeypatch):
     ours = (out, lse, *_grads(out, (q, k, v), grad_out))
     dkdv = [(f["COMPUTE_DK"], f["COMPUTE_DV"]) for kind, f in launched if kind == "dkdv"]
     assert dkdv == [(True, False), (False, True)]
-    assert not KA.split_dkdv(128, 128) and KA.split_dkdv(256, 256) and KA.split_dkdv(64, 256)
+    assert not attention_configs.wide_heads(128, 128) and attention_configs.wide_heads(256, 256)
+    assert attention_configs.wide_heads(64, 256)
     _check_all(ours, _oracles(q, k, v, grad_out, True, 1 / math.sqrt(160)), torch.float64)
 
 
@@ -469,112 +470,6 @@ def test_multi_head_attention_rejects_bad_sizes():
         gradkernels.nn.MultiHeadAttention(32, 4)(torch.randn(2, 5, 16, device=DEVICE))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Config factories (the autotuner and the AOT report prune with these)
-# ----------------------------------------------------------------------------------------------------
-
-
-def _tile(c):
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)
-
-
-def _launches(dtype_bytes, precision, d):
-    """(kernel, input_precision, compute_dk, compute_dv) of every launch the launchers make at head dim d."""
-    bwd = KA.backward_precision(precision, d, d)
-    kv = [(True, False), (False, True)] if KA.split_dkdv(d, d) else [(True, True)]
-    return [("fwd", precision, True, True), ("dq", bwd, True, True)] + [("dkdv", bwd, dk, dv) for dk, dv in kv]
-
-
-@pytest.mark.parametrize("arch", [80, 86, 90])
-@pytest.mark.parametrize("dtype_bytes,precision", [(2, None), (4, "tf32"), (4, "ieee"), (8, None)])
-def test_every_head_dim_keeps_a_config(arch, dtype_bytes, precision):
-    """keep() leaves the autotuner a config for every launch the launchers make at every head dim (the
-    fallback to a config keep() rejects is never needed); on ~100 KB parts each fits shared memory."""
-    lists = {"fwd": KA.get_attn_fwd_configs(), **KA.get_attn_bwd_configs()}
-    for d in (16, 40, 64, 80, 96, 128, 160, 256):
-        for kernel, prec, dk, dv in _launches(dtype_bytes, precision, d):
-            if kernel != "fwd" and KA.head_block(d) == 256 and dtype_bytes == 8 and arch not in (80, 90):
-                continue  # fp64 backward tiles of D > 128 exceed ~100 KB of shared memory: a documented limit
-            kept = [c for c in lists[kernel]
-                    if KA.keep(c, d, dtype_bytes, arch, kernel=kernel, input_precision=prec, compute_dk=dk, compute_dv=dv)]
-            assert kept, f"no {kernel} config for D={d}, {dtype_bytes}-byte inputs ({prec}, {dk}, {dv}), sm_{arch}"
-            if arch == 86:
-                for c in kept:
-                    assert KA.attn_smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], KA.head_block(d),
-                                              KA.head_block(d), c.num_stages, dtype_bytes) <= KA.SMEM_LIMIT[arch]
-
-
-def test_tile_table_matches_the_config_lists_and_the_rules():
-    """The generated table (kernels/attention_tiles.py) only names tiles of the factories' lists, never a
-    sub-64-row 16-bit/tf32 tile on sm_90 (wgmma), and keep() follows it: in the table -> kept."""
-    lists = {"fwd": KA.get_attn_fwd_configs(), **KA.get_attn_bwd_configs()}
-    listed = {k: {_tile(c) for c in v} for k, v in lists.items()}
-    count = 0
-    for arch, variants in KA.CLEAN_TILES.items():
-        for variant, paths in variants.items():
-            kernel = variant.split("_")[0]
-            for path, by_d in paths.items():
-                for block_d, tiles in by_d.items():
-                    for t in tiles:
-                        count += 1
-                        assert t in listed[kernel], (arch, variant, path, block_d, t)
-                        rows = t[1] if kernel == "dkdv" else t[0]
-                        if arch == 90 and path.startswith("tc"):
-                            assert rows >= 64, (variant, path, block_d, t)
-    assert count > 100
-    by_tile = {_tile(c): c for c in lists["fwd"]}
-    for t in KA.CLEAN_TILES[90]["fwd"]["tc16"][128]:
-        assert KA.keep(by_tile[t], 128, 2, 90) and KA.keep(by_tile[t], 80, 2, 90)
-    assert not any(KA.keep(c, 64, 2, 90) for t, c in by_tile.items() if t[0] < 64)
-    assert any(KA.keep(c, 64, 2, 80) for t, c in by_tile.items() if t[0] < 64), "sm_80: small tiles on mma.sync"
-
-    def area(kernel, *args, **kw):
-        return max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in lists[kernel] if KA.keep(c, *args, kernel=kernel, **kw))
-
-    for arch in (80, 90):
-        for kernel in ("fwd", "dq"):
-            assert area(kernel, 128, 8, arch) <= area(kernel, 128, 2, arch)
-            assert area(kernel, 256, 2, arch) <= area(kernel, 64, 2, arch)
-
-
-def test_variants_precision_and_split_rules():
-    assert KA.tile_variant("dkdv", 64, 64) == "dkdv" and KA.tile_variant("dkdv", 64, 64, compute_dv=False) == "dkdv"
-    assert KA.tile_variant("dkdv", 256, 256, compute_dv=False) == "dkdv_dk"
-    assert KA.tile_variant("dkdv", 40, 160, compute_dk=False) == "dkdv_dv"
-    assert KA.tile_variant("dq", 256, 256) == "dq"
-    with pytest.raises(ValueError, match="kernel must be"):
-        KA.tile_variant("bwd", 64, 64)
-    assert KA.backward_precision("tf32", 256, 256) == "ieee" and KA.backward_precision("tf32", 128, 128) == "tf32"
-    assert KA.backward_precision("ieee", 256, 256) == "ieee" and KA.backward_precision(None, 256, 64) is None
-    assert KA.split_dkdv(160, 64) and not KA.split_dkdv(128, 128)
-    assert KA.matmul_path(4, "tf32") == "tc32" and KA.matmul_path(4, None) == "fma32" and KA.matmul_path(8, "tf32") == "fma64"
-    assert KA.preprocess_config(256, 8) == {"BLOCK_M": 32} and KA.preprocess_config(64, 2) == {"BLOCK_M": 64}
-
-
-@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
-def test_autotune_pruning_and_keys(kernel):
-    """The GPU-only autotune path: its keys name real kernel arguments (the Autotuner checks them on
-    construction) and its pruner keeps fitting, pipelined configs no taller than the sequence (or the
-    shortest that fit, when none is that short: sm_90 tensor-core tiles have 64 rows at least)."""
-    tuner = attention_ops._autotuned(kernel)
-    assert "LQ_BUCKET" in tuner.keys and "HEAD_D" in tuner.keys
-    configs = KA.get_attn_fwd_configs() if kernel == "fwd" else KA.get_attn_bwd_configs()[kernel]
-    rows = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
-    q = torch.empty(1, 1, 8, 64, dtype=torch.bfloat16)  # a CPU tensor: the pruner assumes sm_90
-    for short, long in ((16, 4096), (4096, 4096)):
-        lq_bucket, lk_bucket = (long, short) if kernel == "dkdv" else (short, long)
-        kept = attention_ops._pruner(kernel)(configs, {"Q": q, "LQ_BUCKET": lq_bucket, "LK_BUCKET": lk_bucket},
-                                             HEAD_D=64, HEAD_DV=64, INPUT_PRECISION="ieee")
-        fitting = [c for c in configs if KA.keep(c, 64, 2, 90, kernel=kernel)]
-        assert kept and all(c in fitting and c.num_stages > 1 for c in kept)
-        shortest = min(c.kwargs[rows] for c in fitting)
-        assert all(c.kwargs[rows] <= max(short, shortest) for c in kept)
-        if short == 16:
-            assert shortest == 64, "16-bit sm_90 tiles need 64 rows for wgmma"
-            assert {c.kwargs[rows] for c in kept} == {64}
-    assert len(kept) > 1  # long sequences leave the autotuner a choice
-
-
 def test_attention_follows_autocast():
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
     dtype = torch.bfloat16
@@ -586,12 +481,6 @@ def test_attention_follows_autocast():
     ref = reference.standard_attention(q.double(), k.double(), v.double())
     same = reference.standard_attention(q.to(dtype), k.to(dtype), v.to(dtype))
     assert_close(out, same, ref, FACTOR_OUT)
-
-
-def test_seqlen_bucket_shares_keys_within_a_power_of_two():
-    assert KA.seqlen_bucket(1) == KA.seqlen_bucket(16) == 16
-    assert KA.seqlen_bucket(1025) == KA.seqlen_bucket(2048) == 2048
-    assert KA.seqlen_bucket(2049) == 4096
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import torch
 import triton
 
 from .. import _device
-from ..kernels import attention as K
+from ..kernels import attention as kernels
+from ..kernels import attention_configs as configs
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -96,39 +97,12 @@ def _empty_out(q, dv):
     return torch.empty((b, h, lq, dv), device=q.device, dtype=q.dtype)
 
 
-def _arch(device):
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
-
-
-_MAX_TUNED = 6  # configs one autotuner call times at most
-
-
-def _pruner(kernel):
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        q = args["Q"]
-        arch = _arch(q.device) if q.is_cuda else 90
-        head_d, head_dv = args["HEAD_D"], args["HEAD_DV"]
-        kept = [c for c in configs
-                if K.keep(c, head_d, q.element_size(), arch, kernel=kernel, head_dim_v=head_dv,
-                          input_precision=args.get("INPUT_PRECISION"), compute_dk=args.get("COMPUTE_DK", True),
-                          compute_dv=args.get("COMPUTE_DV", True))]
-        # Tiles taller than the (bucketed) length of their rows only compute padding: keep the ones that
-        # fit it, or the shortest there are (sm_90 tensor-core tiles have 64 rows at least).
-        rows = "BLOCK_M" if kernel != "dkdv" else "BLOCK_N"
-        length = args["LQ_BUCKET"] if kernel != "dkdv" else args["LK_BUCKET"]
-        if kept:
-            fit = max(length, min(c.kwargs[rows] for c in kept))
-            kept = [c for c in kept if c.kwargs[rows] <= fit]
-        # Single-stage tiles are last resorts (D = 256 in fp32/fp64 on ~100 KB parts): not timed
-        # when a pipelined config fits.
-        kept = [c for c in kept if c.num_stages > 1] or kept
-        # Bounded autotuning: the _MAX_TUNED largest tiles (most work per program).
-        kept = sorted(kept, key=lambda c: -c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:_MAX_TUNED]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-    return prune
+def _prune(kernel, tiles, named_args, **flags):
+    """An autotuner's ``early_config_prune`` (with ``kernel`` bound):
+    :func:`gradkernels.kernels.attention_configs.prune` for the launch's dtype and device architecture."""
+    q = named_args["Q"]
+    return configs.prune(tiles, {**named_args, **flags}, kernel=kernel, dtype_bytes=q.element_size(),
+                         arch=_device.device_arch(q.device))
 
 
 _KEYS = ["LQ_BUCKET", "LK_BUCKET", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "INPUT_PRECISION"]
@@ -138,13 +112,13 @@ _KEYS = ["LQ_BUCKET", "LK_BUCKET", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "INPUT_PREC
 def _autotuned(kernel):
     """One autotuner per kernel, keyed by bucketed lengths (a new length does not retune)."""
     if kernel == "fwd":
-        fn, configs = K._attn_fwd_kernel, K.get_attn_fwd_configs()
+        fn, tiles = kernels._attn_fwd_kernel, configs.get_attn_fwd_configs()
     else:
-        fn = K._attn_bwd_dkdv_kernel if kernel == "dkdv" else K._attn_bwd_dq_kernel
-        configs = K.get_attn_bwd_configs()[kernel]
+        fn = kernels._attn_bwd_dkdv_kernel if kernel == "dkdv" else kernels._attn_bwd_dq_kernel
+        tiles = configs.get_attn_bwd_configs()[kernel]
     keys = _KEYS + (["COMPUTE_DK", "COMPUTE_DV"] if kernel == "dkdv" else [])
-    prune = {"early_config_prune": _pruner(kernel)}
-    return triton.autotune(configs=configs, key=keys, prune_configs_by=prune)(fn)
+    prune = {"early_config_prune": functools.partial(_prune, kernel)}
+    return triton.autotune(configs=tiles, key=keys, prune_configs_by=prune)(fn)
 
 
 def _launch(kernel, fn, grid, args, flags, pinned):
@@ -158,7 +132,7 @@ def _flags(q, d, dv, causal_offset):
     return dict(
         HEAD_D=d, HEAD_DV=dv, IS_CAUSAL=causal_offset is not None,
         INPUT_PRECISION=_device.dot_precision(q.dtype, q.device),
-        BLOCK_D=K.head_block(d), BLOCK_DV=K.head_block(dv),
+        BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
     )
 
 
@@ -231,14 +205,15 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None, lse_
     args = (
         q, k, v, out, lse, lse_lo, float(scale),
         h, h // hkv, lq, lk, 0 if causal_offset is None else int(causal_offset),
-        K.seqlen_bucket(lq), K.seqlen_bucket(lk),
+        configs.seqlen_bucket(lq), configs.seqlen_bucket(lk),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
     )
 
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
-    _launch("fwd", K._attn_fwd_kernel, grid, args, _flags(q, d, dv, causal_offset), K.INTERPRETER_FWD_CONFIG)
+    _launch("fwd", kernels._attn_fwd_kernel, grid, args, _flags(q, d, dv, causal_offset),
+            configs.INTERPRETER_FWD_CONFIG)
     return out, lse, lse_lo
 
 
@@ -288,18 +263,18 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
 
     if delta is None:
         delta = torch.empty((b, h, lq), device=q.device, dtype=lse_dtype(q.dtype))
-    pre = (K.preprocess_config(dvdim, q.element_size()) if _device.use_autotune()
-           else K.INTERPRETER_PREPROCESS_CONFIG)
-    K._attn_bwd_preprocess_kernel[(triton.cdiv(lq, pre["BLOCK_M"]) * b * h,)](
+    delta_tile = (configs.preprocess_config(dvdim, q.element_size()) if _device.use_autotune()
+                  else configs.INTERPRETER_PREPROCESS_CONFIG)
+    kernels._attn_bwd_preprocess_kernel[(triton.cdiv(lq, delta_tile["BLOCK_M"]) * b * h,)](
         out, grad_out, delta, h, lq, *out.stride(), *grad_out.stride(), *delta.stride(),
-        HEAD_DV=dvdim, BLOCK_DV=K.head_block(dvdim), num_warps=K.PREPROCESS_WARPS, **pre,
+        HEAD_DV=dvdim, BLOCK_DV=configs.head_block(dvdim), num_warps=configs.PREPROCESS_WARPS, **delta_tile,
     )
 
     flags = _flags(q, d, dvdim, causal_offset)
-    flags["INPUT_PRECISION"] = K.backward_precision(flags["INPUT_PRECISION"], d, dvdim)
+    flags["INPUT_PRECISION"] = configs.backward_precision(flags["INPUT_PRECISION"], d, dvdim)
     offset = 0 if causal_offset is None else int(causal_offset)
     common = (float(kernel_scale),)
-    sizes_tail = (lq, lk, offset, K.seqlen_bucket(lq), K.seqlen_bucket(lk))
+    sizes_tail = (lq, lk, offset, configs.seqlen_bucket(lq), configs.seqlen_bucket(lk))
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *delta.stride())
 
     if need_kv:
@@ -312,13 +287,13 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
         def grid_kv(meta):
             return (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)
 
-        if need_dk and need_dv and K.split_dkdv(d, dvdim):
+        if need_dk and need_dv and configs.wide_heads(d, dvdim):
             passes = ((True, False), (False, True))  # one accumulator per launch (registers)
         else:
             passes = ((need_dk, need_dv),)
         for compute_dk, compute_dv in passes:
-            _launch("dkdv", K._attn_bwd_dkdv_kernel, grid_kv, args,
-                    dict(flags, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv), K.INTERPRETER_BWD_CONFIG)
+            _launch("dkdv", kernels._attn_bwd_dkdv_kernel, grid_kv, args,
+                    dict(flags, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv), configs.INTERPRETER_BWD_CONFIG)
     if need_dq:
         args = (q, k, v, grad_out, lse, lse_lo, delta, dq, *common, h, h // hkv, *sizes_tail, *in_strides,
                 *dq.stride())
@@ -326,7 +301,7 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
         def grid_q(meta):
             return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
-        _launch("dq", K._attn_bwd_dq_kernel, grid_q, args, flags, K.INTERPRETER_BWD_CONFIG)
+        _launch("dq", kernels._attn_bwd_dq_kernel, grid_q, args, flags, configs.INTERPRETER_BWD_CONFIG)
         if scale <= 0:  # dQ of the folded q' = sign * q (see _sign_folded)
             dq.neg_() if scale < 0 else dq.zero_()
     return dq, dk, dv

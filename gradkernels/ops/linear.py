@@ -12,7 +12,8 @@ import torch
 import triton
 
 from .. import _device
-from ..kernels import linear as K
+from ..kernels import linear as kernels
+from ..kernels import linear_configs as configs
 from ..reference import ACTIVATIONS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -58,26 +59,22 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _arch(device):
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
-
-
-def _prune(configs, named_args, **kwargs):
+def _prune(tiles, named_args, **flags):
+    """The autotuner's ``early_config_prune``: :func:`gradkernels.kernels.linear_configs.prune` for the
+    launch's operand size and device architecture."""
     a = named_args["A"]
-    arch = _arch(a.device) if a.is_cuda else 90
-    kept = [c for c in configs if K.keep(c, a.element_size(), arch, flags=kwargs)]
-    return kept or configs[-1:]
+    return configs.prune(tiles, {**named_args, **flags}, dtype_bytes=a.element_size(),
+                         arch=_device.device_arch(a.device))
 
 
 @functools.lru_cache(maxsize=None)
 def _autotuned(role: str):
     """One autotuner per role (forward, dX, dW): their best tiles differ for the same sizes."""
     return triton.autotune(
-        configs=K.get_linear_configs(),
+        configs=configs.get_linear_configs(),
         key=["M_BUCKET", "N", "K", "SPLIT_K"],
         prune_configs_by={"early_config_prune": _prune},
-    )(K._linear_kernel)
+    )(kernels.linear_kernel)
 
 
 def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None, epilogue_act=None,
@@ -107,7 +104,7 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
     pre_out_strides = pre_out.stride() if pre_out is not None else (0, 0)
     args = (
         a, b, out, bias, pre_in, pre_out, ws, rs,
-        m, n, k, K.bucket(m),
+        m, n, k, configs.bucket(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         *pre_in_strides, *pre_out_strides, bias.stride(0) if bias is not None else 0,
     )
@@ -129,7 +126,7 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
     if _device.use_autotune():
         _autotuned(role)[grid](*args, **flags)
     else:
-        K._linear_kernel[grid](*args, **flags, **K.INTERPRETER_CONFIG)
+        kernels.linear_kernel[grid](*args, **flags, **configs.INTERPRETER_CONFIG)
 
     if split > 1:
         _split_reduce(ws, out, bias, pre_out, epilogue_act, split)
@@ -141,14 +138,14 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
 
 def _split_reduce(ws, out, bias, pre_out, activation, split):
     _, m, n = ws.shape
-    cfg = K.REDUCE_CONFIG
+    cfg = configs.REDUCE_CONFIG
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     pre_strides = pre_out.stride() if pre_out is not None else (0, 0)
-    K._linear_split_reduce_kernel[grid](
+    kernels.linear_split_reduce_kernel[grid](
         ws, out, bias, pre_out, m, n, out.stride(0), out.stride(1), *pre_strides,
         bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PRE=pre_out is not None, SPLIT_K=split,
-        num_warps=K.REDUCE_WARPS, **cfg,
+        num_warps=configs.REDUCE_WARPS, **cfg,
     )
 
 
@@ -169,7 +166,7 @@ def linear_forward(x2, weight, bias=None, activation=None, store_pre=False, *, o
     elif activation is None:
         pre = None
     if split is None:
-        split = K.choose_split(m, n, k, _device.num_sms())
+        split = configs.choose_split(m, n, k, _device.num_sms())
     matmul(x2, weight.t(), out=out, bias=bias, pre_out=pre, epilogue_act=activation, split=split, role="fwd")
     return out, pre
 
@@ -193,7 +190,7 @@ def linear_backward(grad2, x2, weight, pre, activation, need_dx, need_dw, need_d
         k = x2.shape[1]
         dw = torch.empty((n, k), device=grad2.device, dtype=grad2.dtype)
         db = torch.empty((n,), device=grad2.device, dtype=grad2.dtype) if need_db else None
-        dw_split = K.choose_split(n, k, m, _device.num_sms()) if split is None else split
+        dw_split = configs.choose_split(n, k, m, _device.num_sms()) if split is None else split
         matmul(grad2.t(), x2, out=dw, pre_in=None if pre is None else pre.t(), prologue_act=act,
                row_sum=db, split=dw_split, role="dw")
     if need_db and db is None:
@@ -202,7 +199,7 @@ def linear_backward(grad2, x2, weight, pre, activation, need_dx, need_dw, need_d
         ones = grad2.new_ones((m, 1))
         db = torch.empty((n,), device=grad2.device, dtype=grad2.dtype)
         scratch = torch.empty((n, 1), device=grad2.device, dtype=grad2.dtype)
-        dw_split = K.choose_split(n, 1, m, _device.num_sms()) if split is None else split
+        dw_split = configs.choose_split(n, 1, m, _device.num_sms()) if split is None else split
         matmul(grad2.t(), ones, out=scratch, pre_in=None if pre is None else pre.t(), prologue_act=act,
                row_sum=db, split=dw_split, role="dw")
     return dx, dw, db

@@ -1,0 +1,183 @@
+"""The catalogue of the AOT report: representative launcher calls per kernel family.
+
+A :class:`Case` calls one or more launchers of ``gradkernels.ops`` (recorded on meta tensors, see
+:mod:`.recorder`); sizes only decide the specialisation (multiples of 16, i32), so typical aligned
+sizes stand for all. A kernel launched through an autotuner is :class:`Tuned`: its config factory and
+its family's public ``prune()`` (``kernels/*_configs.py``), called with the recorded launch's
+arguments: the report checks exactly the set a GPU launch chooses from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .signature import Launch
+from .targets import DTYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuned:
+    """A kernel launched through an autotuner.
+
+    ``configs()`` is its config factory; ``prune(configs, launch, arch)`` the configs the autotuner may
+    pick for ``launch`` on ``arch``; ``hopeless(config, launch)`` names configs certain to spill, which
+    ``--include-pruned`` leaves out unless ``--all-pruned`` (they take minutes each to compile).
+    """
+
+    configs: Callable[[], list]
+    prune: Callable[[list, Launch, int], list]
+    hopeless: Callable[[Any, Launch], bool] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One representative use of an op: ``launch(dtype, device)`` calls its launcher(s)."""
+
+    family: str
+    name: str
+    launch: Callable[[torch.dtype, str], None]
+    ops_modules: tuple  # launcher modules whose kernel references are swapped for the recorder
+    tuned: Mapping[str, Tuned]  # kernel name -> how its tiles are chosen; other kernels keep the launch's
+    # Kernels with fixed tiles whose pinned-mode launch (the one recorded) uses other tiles than a GPU
+    # launch does: kernel name -> a function of the launch's recorded arguments (parameter name ->
+    # value, tensors as TensorArg) giving the triton.Config a GPU launch uses.
+    fixed: Mapping[str, Callable[[dict], Any]] = dataclasses.field(default_factory=dict)
+    dtypes: tuple = tuple(DTYPES)
+
+
+def autotuner_args(launch: Launch, configs) -> dict:
+    """The launch's arguments as an autotuner's prune sees them: everything but the tile parameters,
+    which come from the configs."""
+    tiles = {k for c in configs for k in c.kwargs}
+    return {k: v for k, v in launch.args.items() if k not in tiles}
+
+
+def linear_cases() -> list[Case]:
+    from ..kernels import linear_configs as configs
+    from ..ops import linear as ops
+
+    def prune(tiles, launch, arch):
+        return configs.prune(tiles, autotuner_args(launch, tiles), dtype_bytes=launch.args["A"].itemsize, arch=arch)
+
+    tuned = {"linear_kernel": Tuned(configs.get_linear_configs, prune)}
+    m, k, n = 2048, 1024, 4096
+
+    def tensors(dtype, device):
+        def mk(*shape):
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        return mk(m, k), mk(n, k), mk(n), mk(m, n), mk(m, n)  # x, w, b, pre, dy
+
+    def fwd(act, split):
+        def run(dtype, device):
+            x, w, b, _, _ = tensors(dtype, device)
+            ops.linear_forward(x, w, b, act, store_pre=act is not None, split=split)
+
+        return run
+
+    def bwd(act, dx, dw, split, db=True):
+        def run(dtype, device):
+            x, w, _, pre, dy = tensors(dtype, device)
+            ops.linear_backward(dy, x, w, pre if act else None, act, need_dx=dx, need_dw=dw,
+                                need_db=dw and db, split=split)
+
+        return run
+
+    # Activations: none (a plain matmul in every role) and gelu, whose erf-based value and derivative
+    # are the costliest of the supported ones to fuse; split-K (partials + the reduce kernel) in
+    # forward and in dW. Bias everywhere (db is the row sum fused into dW).
+    mods = (ops,)
+    return [
+        Case("linear", "fwd", fwd(None, 1), mods, tuned),
+        Case("linear", "fwd-gelu", fwd("gelu", 1), mods, tuned),
+        Case("linear", "fwd-gelu-split", fwd("gelu", 4), mods, tuned),
+        Case("linear", "dx", bwd(None, True, False, 1), mods, tuned),
+        Case("linear", "dx-gelu", bwd("gelu", True, False, 1), mods, tuned),
+        Case("linear", "dw", bwd(None, False, True, 1), mods, tuned),
+        Case("linear", "dw-gelu", bwd("gelu", False, True, 1), mods, tuned),
+        Case("linear", "dw-gelu-split", bwd("gelu", False, True, 4), mods, tuned),
+        # Without a bias, dW has no fused row sums (a different specialisation).
+        Case("linear", "dw-nobias", bwd(None, False, True, 1, db=False), mods, tuned),
+        Case("linear", "dw-gelu-nobias", bwd("gelu", False, True, 1, db=False), mods, tuned),
+    ]
+
+
+def attention_cases() -> list[Case]:
+    import triton
+
+    from ..kernels import attention_configs as configs
+    from ..ops import attention as ops
+
+    def tuned(kernel, factory):
+        def prune(tiles, launch, arch):
+            return configs.prune(tiles, autotuner_args(launch, tiles), kernel=kernel,
+                                 dtype_bytes=launch.args["Q"].itemsize, arch=arch)
+
+        def hopeless(config, launch):
+            a = launch.args
+            return configs.hopeless(config, kernel, a["HEAD_D"], a["HEAD_DV"], a["Q"].itemsize,
+                                    a.get("INPUT_PRECISION"), a.get("COMPUTE_DK", True), a.get("COMPUTE_DV", True))
+
+        return Tuned(factory, prune, hopeless)
+
+    tuned_kernels = {"_attn_fwd_kernel": tuned("fwd", configs.get_attn_fwd_configs),
+                     "_attn_bwd_dkdv_kernel": tuned("dkdv", lambda: configs.get_attn_bwd_configs()["dkdv"]),
+                     "_attn_bwd_dq_kernel": tuned("dq", lambda: configs.get_attn_bwd_configs()["dq"])}
+
+    # Launched with preprocess_config() on a GPU (the recorded, pinned-mode launch uses the interpreter's).
+    def preprocess(args):
+        return triton.Config(configs.preprocess_config(args["HEAD_DV"], args["O"].itemsize),
+                             num_warps=configs.PREPROCESS_WARPS)
+
+    fixed = {"_attn_bwd_preprocess_kernel": preprocess}
+    # GQA (8 query heads on 2 kv heads), 1024 positions.
+    b, hq, hkv, length = 2, 8, 2, 1024
+
+    def tensors(dtype, device, d, lq, lk):
+        q = torch.empty((b, hq, lq, d), dtype=dtype, device=device)
+        k = torch.empty((b, hkv, lk, d), dtype=dtype, device=device)
+        v = torch.empty((b, hkv, lk, d), dtype=dtype, device=device)
+        return q, k, v
+
+    def fwd(d, causal, lq=length, lk=length):
+        def run(dtype, device):
+            q, k, v = tensors(dtype, device, d, lq, lk)
+            ops.attention_forward(q, k, v, lk - lq if causal else None, d**-0.5)
+
+        return run
+
+    def bwd(d, causal, lq=length, lk=length):
+        def run(dtype, device):
+            q, k, v = tensors(dtype, device, d, lq, lk)
+            out, grad = torch.empty_like(q), torch.empty_like(q)
+            lse = torch.empty((b, hq, lq), dtype=ops.lse_dtype(dtype), device=device)
+            ops.attention_backward(grad, q, k, v, out, lse, torch.empty_like(lse), lk - lq if causal else None,
+                                   d**-0.5)
+
+        return run
+
+    def case(name, run):
+        return Case("attention", name, run, (ops,), tuned_kernels, fixed)
+
+    cases = []
+    # Head dims: the common 64 and 128, the largest supported (256), and 80, which is not a power of
+    # two (masked head-dim loads). Causal launches contain the non-causal code (unmasked blocks) too.
+    for d, causal in ((64, True), (128, True), (256, True), (80, False)):
+        tag = f"d{d}-{'causal' if causal else 'full'}"
+        cases += [case(f"attn-fwd-{tag}", fwd(d, causal)), case(f"attn-bwd-{tag}", bwd(d, causal))]
+    # Short sequences: the prune then offers the shortest tiles (decoding: one query row over 1024 keys;
+    # a 16-position backward), one head-dim block each.
+    for d in (64, 80, 256):
+        cases += [case(f"attn-short-fwd-d{d}", fwd(d, True, 1, length)),
+                  case(f"attn-short-bwd-d{d}", bwd(d, True, 16, 16))]
+    return cases
+
+
+FAMILIES: dict[str, Callable[[], list[Case]]] = {"linear": linear_cases, "attention": attention_cases}
+
+
+def all_cases() -> list[Case]:
+    return [c for make in FAMILIES.values() for c in make()]

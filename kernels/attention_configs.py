@@ -1,0 +1,334 @@
+"""Tile policy of the attention kernels (``kernels/attention.py``): what each autotuner may try, and when.
+
+- :data:`FWD_TILES`, :data:`DKDV_TILES`, :data:`DQ_TILES`: the tiles the autotuners may time, as
+  :class:`Tile` records; :func:`get_attn_fwd_configs` / :func:`get_attn_bwd_configs` turn them into
+  ``triton.Config`` s.
+- :func:`keep`: whether a tile compiled clean for a launch's key in the generated table
+  ``kernels/attention_tiles.py`` (and fits shared memory on uncalibrated parts); :func:`prune`: the
+  configs one launch may time, what the launchers' autotuners and the AOT report both call.
+- The launch rules at head dims above 128 (:func:`wide_heads`): dK and dV in two launches,
+  :func:`backward_precision`, :func:`tile_variant`.
+- :func:`seqlen_bucket` (autotune keys), :func:`head_block` (``BLOCK_D``), :func:`preprocess_config`,
+  :func:`hopeless` (what the AOT calibration runs skip), and the interpreter's pinned tiles.
+
+Nothing here is device code; the architecture limits come from ``kernels/arch.py``. How the tile lists
+and the table were arrived at is in bench/GPU.md ("Attention").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import triton
+
+from .arch import CALIBRATED, DEFAULT_ARCH, calibrated, limits, matmul_path
+from .attention_tiles import CLEAN_TILES
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One attention config. Forward and dQ: ``block_m`` query rows per program, looping over
+    ``block_n`` keys; dK/dV: ``block_n`` keys per program, looping over ``block_m`` query rows. Warps,
+    pipeline stages and an optional register cap (PTX ``.maxnreg``).
+
+    The fields in this order are the tuples of ``attention_tiles.CLEAN_TILES``.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None
+
+    def config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps,
+                             num_stages=self.num_stages, maxnreg=self.maxnreg)
+
+    @classmethod
+    def of(cls, config) -> "Tile":
+        """The tile of a ``triton.Config`` made by :meth:`config`."""
+        return cls(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages,
+                   getattr(config, "maxnreg", None))
+
+
+# Each list holds general tiles (16-row ones for short query blocks), wide 8-warp tiles for D = 256, small
+# tiles on 8 and 16 warps for the FMA paths (fp32 "ieee", fp64), and maxnreg variants where ptxas otherwise
+# aims at occupancy and spills. Order matters only for ties: prune() sorts by area, stably.
+FWD_TILES = (
+    Tile(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    Tile(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    Tile(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    Tile(block_m=128, block_n=32, num_warps=4, num_stages=3),
+    Tile(block_m=64, block_n=128, num_warps=4, num_stages=3),
+    Tile(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    Tile(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    Tile(block_m=64, block_n=32, num_warps=4, num_stages=2),
+    Tile(block_m=32, block_n=64, num_warps=4, num_stages=2),
+    Tile(block_m=32, block_n=32, num_warps=4, num_stages=2),
+    Tile(block_m=16, block_n=64, num_warps=4, num_stages=3),  # decoding: a few query rows
+    Tile(block_m=16, block_n=32, num_warps=4, num_stages=2),
+    Tile(block_m=16, block_n=32, num_warps=4, num_stages=1),  # D = 256, fp32/fp64, ~100 KB parts
+    Tile(block_m=16, block_n=16, num_warps=4, num_stages=1),
+    Tile(block_m=128, block_n=32, num_warps=8, num_stages=2),
+    Tile(block_m=64, block_n=16, num_warps=4, num_stages=2),
+    Tile(block_m=64, block_n=32, num_warps=4, num_stages=1),
+    Tile(block_m=128, block_n=16, num_warps=8, num_stages=2),
+    Tile(block_m=32, block_n=32, num_warps=8, num_stages=2),
+    Tile(block_m=32, block_n=16, num_warps=8, num_stages=2),
+    Tile(block_m=16, block_n=16, num_warps=8, num_stages=1),
+    Tile(block_m=16, block_n=16, num_warps=4, num_stages=2),
+    Tile(block_m=16, block_n=16, num_warps=16, num_stages=1),
+    Tile(block_m=32, block_n=16, num_warps=8, num_stages=2, maxnreg=255),
+    Tile(block_m=16, block_n=16, num_warps=8, num_stages=1, maxnreg=255),
+    Tile(block_m=16, block_n=16, num_warps=16, num_stages=1, maxnreg=128),
+    Tile(block_m=64, block_n=16, num_warps=8, num_stages=2),
+    Tile(block_m=128, block_n=16, num_warps=8, num_stages=1),
+)
+DKDV_TILES = (
+    Tile(block_m=64, block_n=128, num_warps=8, num_stages=3),
+    Tile(block_m=32, block_n=128, num_warps=8, num_stages=3),
+    Tile(block_m=32, block_n=128, num_warps=8, num_stages=2),
+    Tile(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    Tile(block_m=32, block_n=64, num_warps=4, num_stages=3),
+    Tile(block_m=32, block_n=64, num_warps=4, num_stages=2),
+    Tile(block_m=16, block_n=64, num_warps=4, num_stages=2),
+    Tile(block_m=32, block_n=32, num_warps=4, num_stages=2),
+    Tile(block_m=16, block_n=32, num_warps=4, num_stages=2),
+    Tile(block_m=16, block_n=16, num_warps=4, num_stages=1),
+    Tile(block_m=16, block_n=128, num_warps=8, num_stages=2),
+    Tile(block_m=16, block_n=64, num_warps=4, num_stages=1),
+    Tile(block_m=32, block_n=64, num_warps=4, num_stages=1),
+    Tile(block_m=16, block_n=128, num_warps=8, num_stages=1),
+    Tile(block_m=16, block_n=16, num_warps=8, num_stages=1),
+    Tile(block_m=16, block_n=32, num_warps=8, num_stages=2),
+    Tile(block_m=32, block_n=32, num_warps=8, num_stages=2),
+    Tile(block_m=16, block_n=16, num_warps=4, num_stages=2),
+    Tile(block_m=16, block_n=16, num_warps=16, num_stages=1),
+    Tile(block_m=16, block_n=64, num_warps=8, num_stages=2),
+    Tile(block_m=32, block_n=64, num_warps=8, num_stages=2),
+    Tile(block_m=16, block_n=64, num_warps=8, num_stages=1),
+    Tile(block_m=16, block_n=16, num_warps=16, num_stages=1, maxnreg=128),
+    Tile(block_m=16, block_n=16, num_warps=16, num_stages=2, maxnreg=128),
+    Tile(block_m=16, block_n=16, num_warps=8, num_stages=2, maxnreg=255),
+    Tile(block_m=16, block_n=64, num_warps=8, num_stages=2, maxnreg=255),
+)
+DQ_TILES = (
+    Tile(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    Tile(block_m=128, block_n=32, num_warps=8, num_stages=3),
+    Tile(block_m=128, block_n=32, num_warps=4, num_stages=3),
+    Tile(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    Tile(block_m=64, block_n=64, num_warps=8, num_stages=2),
+    Tile(block_m=64, block_n=32, num_warps=4, num_stages=3),
+    Tile(block_m=64, block_n=32, num_warps=4, num_stages=2),
+    Tile(block_m=32, block_n=32, num_warps=4, num_stages=2),
+    Tile(block_m=16, block_n=32, num_warps=4, num_stages=2),
+    Tile(block_m=16, block_n=32, num_warps=4, num_stages=1),
+    Tile(block_m=16, block_n=16, num_warps=4, num_stages=1),
+    Tile(block_m=64, block_n=16, num_warps=4, num_stages=2),
+    Tile(block_m=128, block_n=16, num_warps=8, num_stages=2),
+    Tile(block_m=64, block_n=32, num_warps=4, num_stages=1),
+    Tile(block_m=128, block_n=32, num_warps=8, num_stages=2),
+    Tile(block_m=16, block_n=16, num_warps=8, num_stages=1),
+    Tile(block_m=32, block_n=32, num_warps=8, num_stages=2),
+    Tile(block_m=16, block_n=32, num_warps=8, num_stages=2),
+    Tile(block_m=32, block_n=16, num_warps=8, num_stages=2),
+    Tile(block_m=16, block_n=16, num_warps=16, num_stages=1),
+    Tile(block_m=32, block_n=16, num_warps=16, num_stages=2),
+    Tile(block_m=16, block_n=16, num_warps=8, num_stages=1, maxnreg=255),
+    Tile(block_m=16, block_n=32, num_warps=8, num_stages=2, maxnreg=255),
+    Tile(block_m=32, block_n=16, num_warps=8, num_stages=2, maxnreg=255),
+    Tile(block_m=16, block_n=16, num_warps=16, num_stages=1, maxnreg=128),
+    Tile(block_m=16, block_n=16, num_warps=16, num_stages=2, maxnreg=128),
+    Tile(block_m=16, block_n=16, num_warps=8, num_stages=2, maxnreg=255),
+    Tile(block_m=64, block_n=16, num_warps=8, num_stages=2),
+    Tile(block_m=64, block_n=32, num_warps=8, num_stages=2),
+    Tile(block_m=64, block_n=16, num_warps=8, num_stages=1),
+    Tile(block_m=128, block_n=16, num_warps=8, num_stages=1),
+)
+
+# The Delta preprocess is memory bound: not tuned, a wide tile (see preprocess_config).
+PREPROCESS_WARPS = 4
+
+# Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config per
+# kernel. 32x32 tiles, so test lengths such as 37, 97 or 257 span several blocks and every mask path.
+INTERPRETER_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+INTERPRETER_BWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+INTERPRETER_PREPROCESS_CONFIG = {"BLOCK_M": 32}
+
+MAX_TUNED = 6  # configs one autotuner call times at most
+KERNELS = ("fwd", "dkdv", "dq")
+
+
+def get_attn_fwd_configs():
+    """Every config the forward autotuner may try (before :func:`prune`)."""
+    return [t.config() for t in FWD_TILES]
+
+
+def get_attn_bwd_configs():
+    """Configs the backward autotuners may try, by kernel: ``{"dkdv": [...], "dq": [...]}``.
+
+    The preprocess kernel is not tuned (:func:`preprocess_config`).
+    """
+    return {"dkdv": [t.config() for t in DKDV_TILES], "dq": [t.config() for t in DQ_TILES]}
+
+
+def _check_kernel(kernel):
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
+
+
+def head_block(head_dim):
+    """``BLOCK_D``: the power-of-two tile covering a head dim (>= 16, the smallest ``tl.dot`` K)."""
+    return triton.next_power_of_2(max(int(head_dim), 16))
+
+
+def seqlen_bucket(n):
+    """Autotune key of a sequence length: the next power of two (>= 16).
+
+    Every length in (2^(k-1), 2^k] shares one tuned config, so a new length neither retunes nor
+    recompiles (the kernel itself takes lengths as runtime integers).
+    """
+    return triton.next_power_of_2(max(int(n), 16))
+
+
+def preprocess_config(head_dim_v, dtype_bytes):
+    """Tiles of the Delta preprocess on a GPU: 64 rows, fewer where the O and dO tiles would not fit in
+    registers (16 KB of each per 4-warp program at most: 32 rows for fp64 at Dv = 256)."""
+    return {"BLOCK_M": max(16, min(64, 65536 // (head_block(head_dim_v) * int(dtype_bytes))))}
+
+
+def wide_heads(head_dim, head_dim_v):
+    """Whether a launch's head-dim block is 256 (D or Dv above 128), where the backward launches differ.
+
+    - dK and dV come from two launches of the dK/dV kernel, one accumulator each: two accumulators
+      beside the K and V tiles leave no tile that compiles without spills on sm_90, one per launch
+      leaves some. The second launch recomputes P (about a third more backward work at these head dims).
+    - :func:`backward_precision` turns tf32 into "ieee"; :func:`tile_variant` names the single-gradient
+      dK/dV launches.
+    """
+    return max(head_block(head_dim), head_block(head_dim_v)) > 128
+
+
+def backward_precision(input_precision, head_dim, head_dim_v):
+    """``INPUT_PRECISION`` of the backward kernels: the forward's, except that tf32 becomes "ieee" (full
+    fp32, FMA) at head dims above 128, where no tf32 tile of the dK and dQ kernels compiles for sm_90
+    without spilling. More precise than asked, never less."""
+    if input_precision == "tf32" and wide_heads(head_dim, head_dim_v):
+        return "ieee"
+    return input_precision
+
+
+def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True):
+    """The key of ``CLEAN_TILES`` a launch is checked under: "fwd", "dq", "dkdv" or, for dK/dV launches
+    with one accumulator at head dims above 128 (:func:`wide_heads`), "dkdv_dk" / "dkdv_dv"."""
+    _check_kernel(kernel)
+    if kernel == "dkdv" and wide_heads(head_dim, head_dim_v) and not (compute_dk and compute_dv):
+        return "dkdv_dk" if compute_dk else "dkdv_dv"
+    return kernel
+
+
+def attn_smem_bytes(kernel, block_m, block_n, block_d, block_dv, num_stages, dtype_bytes):
+    """Shared memory a config needs: the tile held for the whole program plus one buffer per stage.
+
+    Matches what Triton allocated for sm_90 in the AOT report (bench/GPU.md); the dK/dV kernel also
+    stages the LSE and Delta rows (fp32, or fp64).
+    """
+    _check_kernel(kernel)
+    if kernel == "fwd":  # Q held; K and V streamed
+        held, streamed = block_m * block_d, block_n * (block_d + block_dv)
+    elif kernel == "dkdv":  # K and V held; Q and dO streamed
+        held, streamed = block_n * (block_d + block_dv), block_m * (block_d + block_dv)
+    else:  # dq: Q and dO held; K and V streamed
+        held, streamed = block_m * (block_d + block_dv), block_n * (block_d + block_dv)
+    rows = 2 * block_m * num_stages * (8 if dtype_bytes == 8 else 4) if kernel == "dkdv" else 0
+    return (held + num_stages * streamed) * dtype_bytes + rows
+
+
+def hopeless(config, kernel, head_dim, head_dim_v, dtype_bytes, input_precision=None, compute_dk=True,
+             compute_dv=True):
+    """Whether a config is certain to spill: its accumulators and one score tile alone take more than 256
+    registers per thread (160 on the FMA paths, whose operands also live in registers). The AOT report's
+    ``--include-pruned`` calibration runs leave these out (each takes minutes to compile, to fail)."""
+    bd, bdv = head_block(head_dim), head_block(head_dim_v)
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    if kernel == "dkdv":
+        acc = bn * (bd * bool(compute_dk) + bdv * bool(compute_dv))
+    else:
+        acc = bm * (bdv if kernel == "fwd" else bd)
+    words = (acc + bm * bn) * (2 if dtype_bytes == 8 else 1) / (32 * config.num_warps)
+    return words > (160 if matmul_path(dtype_bytes, input_precision).startswith("fma") else 256)
+
+
+def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_dim_v=None, input_precision=None,
+         compute_dk=True, compute_dv=True):
+    """Whether the autotuner may try an attention config for this launch.
+
+    The config's tile must be listed in ``CLEAN_TILES`` (kernels/attention_tiles.py, generated from an
+    ``--include-pruned`` AOT report: the tiles that compiled without spills, within shared memory and,
+    for 16-bit and tf32 inputs, on the tensor cores, for every launch of the report with the same key)
+    under the launch's calibrated architecture, kernel variant, matmul path and head-dim block. On parts
+    other than sm_80/sm_90 it must also fit their shared memory. A measured table rather than a formula:
+    register use of these kernels follows no model simple enough to predict which tiles spill.
+
+    Args:
+        config: a ``triton.Config`` from :func:`get_attn_fwd_configs` / :func:`get_attn_bwd_configs`.
+        head_dim: D (the Q/K head dim). head_dim_v: Dv (defaults to D). Head dims below 64 use the
+            tiles of 64 (smaller operand tiles than those checked).
+        dtype_bytes: element size of the inputs (2, 4 or 8).
+        arch: compute capability as an int (80, 86, 89, 90); below 90 the sm_80 table applies, with the
+            arch's own shared memory limit.
+        kernel: "fwd", "dkdv" or "dq".
+        input_precision: the launch's ``INPUT_PRECISION`` ("tf32" or "ieee"); decides the path of fp32
+            inputs. None: "ieee" (torch's default for fp32 matmuls).
+        compute_dk, compute_dv: the dK/dV launch's ``COMPUTE_DK`` / ``COMPUTE_DV`` (see :func:`wide_heads`).
+    """
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    bd, bdv = head_block(head_dim), head_block(head_dim_v)
+    tile = Tile.of(config)
+    # The table's tiles fit sm_80's and sm_90's shared memory as compiled; other parts have less (~100 KB
+    # on sm_86/89): there the estimate (an upper bound of what Triton allocates) must fit.
+    smem = attn_smem_bytes(kernel, tile.block_m, tile.block_n, bd, bdv, tile.num_stages, dtype_bytes)
+    if arch not in CALIBRATED and smem > limits(arch).smem_per_block:
+        return False
+    variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv)
+    tiles = (CLEAN_TILES.get(calibrated(arch), {}).get(variant, {})
+             .get(matmul_path(dtype_bytes, input_precision), {}).get(max(64, bd, bdv), ()))
+    return dataclasses.astuple(tile) in tiles
+
+
+def prune(configs, args, *, kernel, dtype_bytes, arch):
+    """The configs one launch's autotuner may time.
+
+    - those :func:`keep` accepts for the launch;
+    - no taller than the (bucketed) length of the rows a program covers (taller tiles only compute
+      padding), or the shortest kept ones when none is that short (sm_90 tensor-core tiles have 64 rows
+      at least);
+    - pipelined ones (``num_stages > 1``) when there are: single-stage tiles are last resorts;
+    - at most :data:`MAX_TUNED`, the largest first (most work per program), to bound autotuning time;
+    - when nothing is left, the smallest config of the list.
+
+    Called by the launchers' autotuners (``early_config_prune``) and by the AOT report.
+
+    Args:
+        configs: the autotuner's list for ``kernel``.
+        args: the launch's arguments by kernel parameter name: ``HEAD_D``, ``HEAD_DV``, ``LQ_BUCKET``,
+            ``LK_BUCKET``, ``INPUT_PRECISION`` and, for "dkdv", ``COMPUTE_DK`` / ``COMPUTE_DV`` are read.
+        kernel: "fwd", "dkdv" or "dq".
+        dtype_bytes: element size of Q.
+        arch: compute capability of the launch's device as an int.
+
+    Returns:
+        The configs to time (never empty).
+    """
+    kept = [c for c in configs
+            if keep(c, args["HEAD_D"], dtype_bytes, arch, kernel=kernel, head_dim_v=args["HEAD_DV"],
+                    input_precision=args.get("INPUT_PRECISION"), compute_dk=args.get("COMPUTE_DK", True),
+                    compute_dv=args.get("COMPUTE_DV", True))]
+    rows = "BLOCK_M" if kernel != "dkdv" else "BLOCK_N"
+    length = args["LQ_BUCKET"] if kernel != "dkdv" else args["LK_BUCKET"]
+    if kept:
+        fit = max(length, min(c.kwargs[rows] for c in kept))
+        kept = [c for c in kept if c.kwargs[rows] <= fit]
+    kept = [c for c in kept if c.num_stages > 1] or kept
+    kept = sorted(kept, key=lambda c: -c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:MAX_TUNED]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]

@@ -1,0 +1,176 @@
+"""Tile policy of the fused linear kernels (``kernels/linear.py``): what the autotuner may try, and when.
+
+- :data:`TILES`: every matmul tile the autotuner may time, as :class:`Tile` records;
+  :func:`get_linear_configs` turns them into ``triton.Config`` s.
+- :func:`keep`: whether a tile suits a launch (shared memory, wgmma rows, a per-thread register
+  estimate); :func:`prune`: the configs one launch may time, what the launcher's autotuner and the AOT
+  report (``python -m gradkernels.aot``) both call.
+- :func:`choose_split`: how far to split the reduction; :func:`bucket`: the autotune key of M.
+- The fixed tiles of the interpreter and of the split-K reduce kernel.
+
+Nothing here is device code; the architecture limits come from ``kernels/arch.py``. How the rules were
+calibrated on the AOT report is in bench/GPU.md ("Linear").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import triton
+
+from .arch import DEFAULT_ARCH, calibrated, limits, matmul_path
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One matmul config: output tile ``block_m x block_n``, reduction step ``block_k``, ``group_m`` rows of
+    tiles per L2 group, warps, pipeline stages, and an optional register cap (PTX ``.maxnreg``)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+    maxnreg: int | None = None
+
+    def config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                              "GROUP_M": self.group_m},
+                             num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+
+
+TILES = (
+    Tile(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    Tile(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    Tile(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
+    Tile(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=4),
+    Tile(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4),
+    Tile(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    Tile(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
+    Tile(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3),
+    Tile(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=3),
+    # Last: the only tile keep() accepts for fp64 with a fused activation derivative (whose erf alone
+    # takes most of the registers), and prune()'s fallback when it accepts none: 16 rows, the least
+    # tl.dot takes. maxnreg=255 because ptxas otherwise caps registers to fit more blocks per SM and
+    # spills a few bytes.
+    Tile(block_m=16, block_n=32, block_k=16, num_warps=4, num_stages=3, maxnreg=255),
+)
+
+# Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config.
+# Small enough that test shapes such as 97 or 257 span several tiles and exercise the masks.
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+# Tiles of the split-K reduce kernel (memory bound: wide rows for coalescing).
+REDUCE_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128}
+REDUCE_WARPS = 4
+
+# Per-thread register budgets of keep()'s estimate, by calibrated architecture and matmul path
+# (kernels/arch.py::matmul_path): the largest that leave no spilling config in the AOT report.
+_REGISTER_BUDGET = {80: {"tc16": 160, "tc32": 48, "fma32": 96, "fma64": 160},
+                    90: {"tc16": 192, "tc32": 192, "fma32": 208, "fma64": 160}}
+
+
+def get_linear_configs():
+    """Every config the matmul autotuner may try (before :func:`prune`), in :data:`TILES` order."""
+    return [t.config() for t in TILES]
+
+
+def matmul_smem_bytes(block_m, block_n, block_k, num_stages, dtype_bytes):
+    """Shared memory the software pipeline needs: one A and one B tile per stage."""
+    return (block_m * block_k + block_k * block_n) * dtype_bytes * num_stages
+
+
+def keep(config, dtype_bytes, arch=DEFAULT_ARCH, flags=None):
+    """Whether a matmul config suits a launch on ``arch`` with operands of ``dtype_bytes`` bytes.
+
+    - the pipeline buffers fit the architecture's shared memory per block;
+    - on sm_90, tensor-core tiles have 64 rows per warp group (smaller ones fall back from wgmma to
+      mma.sync);
+    - the tiles a program keeps in registers fit a per-thread budget. Estimated in 32-bit words per
+      thread: the accumulator; the operand fragments where they live in registers (twice, on the FMA
+      path of fp64 / fp32 "ieee"; (A + B) x bytes / 8 through sm_80's mma.sync; wgmma reads them from
+      shared memory); what a fused activation keeps live: its derivative in the prologue about four A
+      tiles besides one accumulator, an epilogue activation one accumulator, the bias-gradient row sums
+      of dW half of one. The budgets are not register counts: they are fitted to what compiled without
+      spills, where ptxas also trades registers for occupancy.
+
+    Args:
+        config: a ``triton.Config`` from :func:`get_linear_configs`.
+        dtype_bytes: element size of the operands (2, 4 or 8).
+        arch: compute capability as an int (80, 86, 89, 90).
+        flags: the launch's constexpr flags as the autotuner hands them to its prune (``PROLOGUE_ACT``,
+            ``EPILOGUE_ACT``, ``ROW_SUM``, ``INPUT_PRECISION``). None when unknown: then the config must
+            suit every kind of launch (forward with an activation, dW with one and the bias gradient).
+
+    Returns:
+        True if the autotuner may try the config.
+    """
+    if flags is None:
+        precisions = ("tf32", "ieee") if dtype_bytes == 4 else ("ieee",)
+        return all(keep(config, dtype_bytes, arch, dict(kind, INPUT_PRECISION=p))
+                   for p in precisions
+                   for kind in ({"EPILOGUE_ACT": "gelu"}, {"PROLOGUE_ACT": "gelu", "ROW_SUM": True}))
+    kw = config.kwargs
+    bm, bn, bk, warps = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps
+    if matmul_smem_bytes(bm, bn, bk, config.num_stages, dtype_bytes) > limits(arch).smem_per_block:
+        return False
+    path = matmul_path(dtype_bytes, flags.get("INPUT_PRECISION"))
+    fma = path.startswith("fma")
+    if arch >= 90 and not fma and bm < 16 * warps:
+        return False
+    threads = 32 * warps
+    wide = 2 if dtype_bytes == 8 else 1  # fp64 values take two registers
+    acc = bm * bn * wide / threads
+    a_tile = bm * bk * wide / threads
+    b_tile = bk * bn * wide / threads
+    words = acc
+    if fma:
+        words += 2 * (a_tile + b_tile)
+    elif arch < 90:
+        words += (a_tile + b_tile) * dtype_bytes / 8
+    if flags.get("EPILOGUE_ACT") is not None:
+        words += acc
+    if flags.get("PROLOGUE_ACT") is not None:
+        words += acc + 4 * a_tile
+    if flags.get("ROW_SUM"):
+        words += acc / 2
+    return words <= _REGISTER_BUDGET[calibrated(arch)][path]
+
+
+def prune(configs, args, *, dtype_bytes, arch):
+    """The configs the autotuner may time for one launch of ``linear_kernel``.
+
+    Those :func:`keep` accepts for the launch's flags, or the last config (the fallback tile) when it
+    accepts none. Called by the launcher's autotuner (``early_config_prune``) and by the AOT report.
+
+    Args:
+        configs: the autotuner's list (:func:`get_linear_configs`).
+        args: the launch's arguments by kernel parameter name; the constexpr flags are read
+            (``PROLOGUE_ACT``, ``EPILOGUE_ACT``, ``ROW_SUM``, ``INPUT_PRECISION``), the rest ignored.
+        dtype_bytes: element size of the operands.
+        arch: compute capability of the launch's device as an int.
+
+    Returns:
+        The kept configs, in list order (never empty).
+    """
+    kept = [c for c in configs if keep(c, dtype_bytes, arch, flags=args)]
+    return kept or configs[-1:]
+
+
+def choose_split(m, n, k, num_sms, tile=128, min_k_per_split=256, max_split=16):
+    """How many ways to split the reduction of an (m x k) @ (k x n) product.
+
+    1 when the (m, n) output tiles already fill half the GPU's SMs; otherwise enough splits to fill it,
+    each with at least ``min_k_per_split`` of the reduction. The result does not depend on the split
+    count beyond rounding: partials are summed in a fixed order.
+    """
+    tiles = triton.cdiv(m, tile) * triton.cdiv(n, tile)
+    if tiles == 0 or tiles * 2 >= num_sms:
+        return 1
+    return max(1, min(max_split, num_sms // tiles, k // min_k_per_split))
+
+
+def bucket(n):
+    """Autotune key bucket: the next power of two, so a new batch size does not retune or recompile."""
+    return triton.next_power_of_2(max(int(n), 1))
