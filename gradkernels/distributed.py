@@ -474,7 +474,6 @@ class RingAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-@torch.compiler.disable
 def ring_attention(q, k, v, *, causal=False, scale=None, group=None, layout="zigzag"):
     """Exact attention over a sequence sharded across the ranks of ``group`` (context parallelism).
 

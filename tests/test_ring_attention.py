@@ -1,0 +1,533 @@
+"""Ring attention (``gradkernels.distributed``) in 2 and 4 processes, gloo on CPU (NCCL on >= P GPUs).
+
+The test launches this file P times as a script (``--worker``); the P ranks run every case of the
+suite in one process group (starting processes is the expensive part: one spawn per process count),
+and rank 0 saves what was measured. The parent then checks, per case:
+
+- forward and every gradient, gathered over the ranks, against two oracles on the whole sequence:
+  an fp64 reference with torch's own error in the same dtype as the scale (the two-oracle rule of
+  tests/utils.check_against), and single-process ``gradkernels.attention`` (the kernels without the
+  ring; where it is torch's own path, bf16 under the interpreter, only the first applies);
+- communication, from a counting wrapper around ``torch.distributed.batch_isend_irecv``: the bytes each
+  rank sends and receives at each exchange, and to whom, equal to the analytic model (forward: the K/V
+  block, Hkv heads, at each of the first P - 1 steps; backward: the K/V block at each of the first P - 1
+  steps, then the dK/dV accumulators, fp32 or fp64, at each of the P steps);
+- the schedule, from wrappers around the kernel launchers: each step's transfer is posted before that
+  step's kernel (overlap), blocks no query of the shard can see are not launched (causal skipping),
+  the zigzag layout gives every rank the same work;
+- memory: the tensors saved for backward (``saved_tensors_hooks``) are exactly this rank's q, k, v,
+  out and the two LSE rows, O(L/P); the forward allocates at most two K/V receive buffers.
+
+Plus a training step of TinyLM with sequence-sharded inputs, positions and ring attention, whose loss
+and gradients match the unsharded model. TRITON_INTERPRET is inherited from the parent (conftest).
+"""
+
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # a worker started by hand
+
+import gradkernels  # noqa: E402
+from gradkernels import backend_for, reference  # noqa: E402
+from gradkernels import distributed as gkd  # noqa: E402
+# The one import of the test model (it is moving to gradkernels.models).
+from gradkernels.testing import TinyLM, TinyLMConfig, make_batches  # noqa: E402
+
+FACTOR_OUT, FACTOR_GRAD = 2, 3
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+
+# name: (B, Hq, Hkv, shard length, D, Dv, causal, layout, dtype, (B, L, H, D) storage)
+# Global length = P * shard length (a zigzag shard holds two chunks: even). Tiny, as the kernels run
+# under the interpreter, but odd chunks and head dims, GQA / MQA, Dv != D.
+CASES = {
+    "fp64-causal-zigzag-gqa": (1, 4, 2, 10, 40, 24, True, "zigzag", F64, False),
+    "fp64-causal-zigzag-mqa": (1, 2, 1, 6, 40, 24, True, "zigzag", F64, False),
+    "fp64-causal-contiguous-mqa": (2, 2, 1, 9, 16, 16, True, "contiguous", F64, True),
+    "fp64-full-zigzag": (1, 2, 2, 6, 16, 16, False, "zigzag", F64, False),
+    "fp32-causal-zigzag-gqa": (1, 4, 2, 6, 16, 16, True, "zigzag", F32, False),
+    "fp16-causal-contiguous": (1, 2, 2, 7, 16, 16, True, "contiguous", F16, False),
+    "fp16-causal-contiguous-mqa": (1, 2, 1, 5, 16, 16, True, "contiguous", F16, False),
+    "bf16-causal-zigzag": (1, 2, 1, 6, 16, 16, True, "zigzag", BF16, False),
+    # longer than one interpreter tile (32 rows), D = 80, more combinations: slow suite only
+    "fp32-full-contiguous": (2, 2, 1, 5, 80, 80, False, "contiguous", F32, True),
+    "fp16-causal-zigzag-long": (1, 2, 1, 34, 16, 40, True, "zigzag", F16, False),
+    "fp32-causal-contiguous-long": (1, 2, 2, 37, 40, 40, True, "contiguous", F32, False),
+    "fp64-causal-zigzag-mqa-long": (1, 3, 1, 36, 16, 16, True, "zigzag", F64, True),
+}
+# What runs where. The default suite must stay within ~90 s on two busy cores (P = 4 costs four times
+# P = 2 per case: P ranks times P steps): every kind of case at P = 2, a few at P = 4 (both layouts,
+# MQA, fp64 and fp16, the torch path, sub-rings); the slow suite runs the rest at both counts.
+DEFAULT = {
+    2: ["fp64-causal-zigzag-gqa", "fp64-causal-contiguous-mqa", "fp64-full-zigzag", "fp32-causal-zigzag-gqa",
+        "fp16-causal-contiguous", "bf16-causal-zigzag"],
+    4: ["fp64-causal-zigzag-mqa", "fp16-causal-contiguous-mqa", "bf16-causal-zigzag"],
+}
+SLOW = {world: [n for n in CASES if n not in DEFAULT[world]] for world in (2, 4)}
+TRAIN = {"default": (2,), "slow": (4,)}  # the TinyLM training step at these process counts
+DETERMINISM_CASE = "fp32-causal-zigzag-gqa"
+SUBGROUP_CASE = "fp64-causal-zigzag-mqa"  # also run on the sub-rings {0, 2} and {1, 3} when P = 4 (default)
+TRAIN_B, TRAIN_L = 1, 16
+
+
+def _inputs(name, world, spec):
+    """Full-sequence q, k, v and the output gradient of a case (the same in every process)."""
+    b, hq, hkv, shard, d, dv, _, _, dtype, _ = spec
+    length = world * shard
+    g = torch.Generator().manual_seed(sum(map(ord, name)) + world)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    return randn(b, hq, length, d), randn(b, hkv, length, d), randn(b, hkv, length, dv), randn(b, hq, length, dv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker (runs in a subprocess)
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Log:
+    """Exchanges (from batch_isend_irecv) and kernel launches, in the order they happen."""
+
+    def __init__(self):
+        self.events = []
+        self.on = False
+
+    def install(self, dist, attention_ops):
+        real_x, real_f, real_b = dist.batch_isend_irecv, attention_ops.attention_forward, attention_ops.attention_backward
+
+        def exchange(ops):
+            if self.on:
+                sends = [o for o in ops if o.op is dist.isend]
+                recvs = [o for o in ops if o.op is dist.irecv]
+                self.events.append((
+                    "x", sum(o.tensor.numel() * o.tensor.element_size() for o in sends),
+                    sum(o.tensor.numel() * o.tensor.element_size() for o in recvs),
+                    sorted({o.peer for o in sends}), sorted({o.peer for o in recvs}),
+                ))
+            return real_x(ops)
+
+        def forward(q, k, v, causal_offset, *args, **kwargs):
+            if self.on:
+                self.events.append(("f", q.shape[2], k.shape[2], causal_offset))
+            return real_f(q, k, v, causal_offset, *args, **kwargs)
+
+        def backward(*args, **kwargs):
+            if self.on:  # (grad_out, q, k, v, out, lse, [lse_lo,] causal_offset, scale)
+                self.events.append(("b", args[1].shape[2], args[2].shape[2], args[-2]))
+            return real_b(*args, **kwargs)
+
+        dist.batch_isend_irecv = exchange
+        attention_ops.attention_forward = forward
+        attention_ops.attention_backward = backward
+
+
+def _new_storages(fn, inputs):
+    """Run ``fn``; count the distinct new storages with the shape and dtype of one of ``inputs``."""
+    shapes, dtype = {tuple(t.shape) for t in inputs}, inputs[0].dtype
+    existing = {t.untyped_storage().data_ptr() for t in inputs}
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor) and tuple(t.shape) in shapes and t.dtype == dtype:
+                    seen.add(t.untyped_storage().data_ptr())
+            return result
+
+    with Mode():
+        out = fn()
+    return out, len(seen - existing)
+
+
+def _shard_input(t, layout, blhd, group):
+    if blhd:  # (B, L, H, D) storage, seen as (B, H, L, D)
+        return gkd.shard_sequence(t.transpose(1, 2).contiguous(), dim=1, group=group, layout=layout).transpose(1, 2)
+    return gkd.shard_sequence(t, dim=2, group=group, layout=layout)
+
+
+def _run_case(name, spec, world, log, device, group=None):
+    _, _, _, _, _, _, causal, layout, dtype, blhd = spec
+    q, k, v, dout = (t.to(device) for t in _inputs(name, world, spec))
+    ql, kl, vl = (_shard_input(t, layout, blhd, group).detach().requires_grad_(True) for t in (q, k, v))
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.numel() * t.element_size()))
+        return t
+
+    log.events.clear()
+    log.on = True
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, kv_buffers = _new_storages(
+            lambda: gkd.ring_attention(ql, kl, vl, causal=causal, group=group, layout=layout), (kl, vl))
+    n_fwd = len(log.events)
+    out.backward(gkd.shard_sequence(dout, dim=2, group=group, layout=layout))
+    log.on = False
+    events = list(log.events)
+    gathered = [gkd.unshard_sequence(t.detach(), dim=2, group=group, layout=layout).cpu()
+                for t in (out, ql.grad, kl.grad, vl.grad)]
+    return {
+        "gathered": gathered,
+        "fwd_events": events[:n_fwd], "bwd_events": events[n_fwd:], "saved": saved,
+        "kv_buffers": kv_buffers, "kv_copies": (not kl.is_contiguous()) + (not vl.is_contiguous()), "kernels": backend_for(ql) != "torch",
+        "bits": [t.detach().cpu().clone() for t in (out, ql.grad, kl.grad, vl.grad)],
+    }
+
+
+def _ring_self_attention(self, x):
+    """TinyLM's CausalSelfAttention.forward with the SDPA call replaced by ring attention (the recipe)."""
+    b, length, _ = x.shape
+    cfg, hd = self.cfg, self.cfg.head_dim
+    q = self.q_proj(x).view(b, length, cfg.n_heads, hd).transpose(1, 2)
+    k = self.k_proj(x).view(b, length, cfg.n_kv_heads, hd).transpose(1, 2)
+    v = self.v_proj(x).view(b, length, cfg.n_kv_heads, hd).transpose(1, 2)
+    o = gkd.ring_attention(q, k, v, causal=True, layout=self.cp_layout)
+    return self.o_proj(o.transpose(1, 2).reshape(b, length, cfg.n_heads * hd))
+
+
+def _train_batch():
+    return make_batches(TinyLMConfig(), 1, TRAIN_B, TRAIN_L, seed=1)[0]
+
+
+def _base_model():
+    torch.manual_seed(0)
+    return TinyLM(TinyLMConfig())
+
+
+def _train_step(dist, device, dtype, layout):
+    """One step of sequence-sharded TinyLM: local loss over this rank's tokens / all tokens, all-reduced."""
+    model = _base_model().to(device=device, dtype=dtype)
+    for block in model.blocks:
+        block.attn.cp_layout = layout
+        block.attn.forward = types.MethodType(_ring_self_attention, block.attn)
+    inputs, targets = (t.to(device) for t in _train_batch())
+    local_in, local_tgt = (gkd.shard_sequence(t, dim=1, layout=layout) for t in (inputs, targets))
+    logits = model(local_in, position_ids=gkd.shard_positions(TRAIN_L, layout=layout, device=device))
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), local_tgt.reshape(-1), reduction="sum")
+    loss = loss / targets.numel()
+    loss.backward()
+    for p in model.parameters():  # what DDP over the context-parallel group does
+        dist.all_reduce(p.grad)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return {"loss": total.item(), "grads": {n: p.grad.cpu() for n, p in model.named_parameters()}}
+
+
+def _errors(world):
+    """The messages of the divisibility errors (need a process group of ``world`` ranks)."""
+    found = {}
+    attempts = {
+        "shard-zigzag": lambda: gkd.shard_sequence(torch.randn(1, 2 * world + 1, 3), layout="zigzag"),
+        "shard-contiguous": lambda: gkd.shard_sequence(torch.randn(1, world + 1, 3), layout="contiguous"),
+        "ring-odd-zigzag": lambda: gkd.ring_attention(*(torch.randn(1, 1, 3, 16) for _ in range(3))),
+        "unshard-odd-zigzag": lambda: gkd.unshard_sequence(torch.randn(1, 3), layout="zigzag"),
+    }
+    for key, fn in attempts.items():
+        try:
+            fn()
+            found[key] = None
+        except Exception as e:
+            found[key] = (type(e).__name__, str(e))
+    return found
+
+
+def _worker(rank, world, store, out, suite):
+    import torch.distributed as dist
+
+    from gradkernels.ops import attention as attention_ops
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+    log = _Log()
+    log.install(dist, attention_ops)
+    names = (DEFAULT if suite == "default" else SLOW)[world]
+    results = {"cases": {}, "ranks": {}}
+    for name in names:
+        r = _run_case(name, CASES[name], world, log, device)
+        if name == DETERMINISM_CASE:
+            again = _run_case(name, CASES[name], world, log, device)
+            r["deterministic"] = all(torch.equal(a, b) for a, b in zip(r["bits"], again["bits"]))
+        del r["bits"]
+        results["cases"][name] = r
+    if suite == "default" and world == 4:  # two independent rings in one job: group ranks != global ranks
+        groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        r = _run_case(SUBGROUP_CASE, CASES[SUBGROUP_CASE], 2, log, device, group=groups[rank % 2])
+        del r["bits"]
+        results["subgroup"] = r
+    if world in TRAIN[suite]:
+        results["train"] = _train_step(dist, device, torch.float32, "zigzag")
+    if suite == "default":
+        results["errors"] = _errors(world)
+    # Per-rank logs to rank 0.
+    keys = ("fwd_events", "bwd_events", "saved", "kv_buffers", "kv_copies")
+    mine = {name: {k: r[k] for k in keys}
+            for name, r in results["cases"].items()}
+    if "subgroup" in results:
+        mine["subgroup"] = {k: results["subgroup"][k] for k in ("fwd_events", "bwd_events")}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        results["ranks"] = everyone
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spawning
+# ----------------------------------------------------------------------------------------------------
+
+
+def _spawn(world, suite, tmp):
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs on a CUDA machine (one NCCL rank per GPU); runs on CPU with gloo")
+    store, out = tmp / "store", tmp / "results.pt"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(store), str(out), suite],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(world)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+    failed = [(r, p.returncode, logs[r]) for r, p in enumerate(procs) if p.returncode]
+    assert not failed, "\n".join(f"rank {r} exited {rc}:\n{log[-4000:]}" for r, rc, log in failed)
+    return torch.load(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What each case must give (computed here, independently of the library)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _oracles(q, k, v, dout, causal):
+    """(out, dq, dk, dv): fp64 reference, torch's path in the dtype, and single-process gradkernels."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    qq, kk, vv = (t.double().requires_grad_(True) for t in (q, k, v))
+    out = reference.naive_attention(qq, kk, vv, causal, scale)
+    ref = (out.detach(), *torch.autograd.grad(out, (qq, kk, vv), dout.double()))
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = reference.standard_attention(qq, kk, vv, causal, scale)
+    same = [out.detach(), *torch.autograd.grad(out, (qq, kk, vv), dout)]
+    if q.dtype == torch.float64:  # the forward above *is* the reference's: use a differently ordered one
+        group = q.shape[1] // k.shape[1]
+        ke, ve = (t.repeat_interleave(group, dim=1) for t in (k, v))
+        mask = reference.causal_mask(q.shape[2], k.shape[2], device=q.device) if causal else None
+        same[0] = F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask, scale=scale)
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = gradkernels.attention(qq, kk, vv, causal=causal)
+    single = (out.detach(), *torch.autograd.grad(out, (qq, kk, vv), dout))
+    return ref, tuple(same), single
+
+
+def _block_plan(rank, world, step, causal, layout, shard):
+    """The spec: (query rows, key columns, causal offset) rank ``rank`` computes at ``step``, or None."""
+    owner = (rank - step) % world
+    if not causal:
+        return shard, shard, None
+    if owner == rank:
+        return shard, shard, 0
+    if layout == "contiguous":
+        return (shard, shard, None) if owner < rank else None
+    c = shard // 2  # zigzag: rank r holds chunks r and 2P-1-r of size c
+    return (shard, c, None) if owner < rank else (c, shard, None)
+
+
+def _expected_events(rank, world, spec, peers, acc_size):
+    """The forward and backward event streams of ``rank`` (see _Log), from the spec of the algorithm."""
+    b, hq, hkv, shard, d, dv, causal, layout, dtype, _ = spec
+    es = torch.empty((), dtype=dtype).element_size()
+    kv = b * hkv * shard * (d + dv) * es
+    dkv = b * hkv * shard * (d + dv) * acc_size
+    nxt, prv = peers
+    fwd, bwd = [], []
+    for step in range(world):
+        plan = _block_plan(rank, world, step, causal, layout, shard)
+        if step < world - 1:
+            fwd.append(("x", kv, kv, [nxt], [prv]))
+            bwd.append(("x", kv, kv, [nxt], [prv]))
+        if plan is not None:
+            fwd.append(("f", *plan))
+            bwd.append(("b", *plan))
+        if world > 1:
+            bwd.append(("x", dkv, dkv, [nxt], [prv]))
+    return fwd, bwd
+
+
+def _check_case(name, spec, world, got, ranks_log, failures, ranks=None):
+    from utils import check_against
+
+    b, hq, hkv, shard, d, dv, causal, layout, dtype, _ = spec
+    q, k, v, dout = _inputs(name, world, spec)
+    ref, same, single = _oracles(q, k, v, dout, causal)
+    kernels_single = backend_for(q) != "torch"
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        factor = FACTOR_OUT if i == 0 else FACTOR_GRAD
+        try:
+            check_against(got["gathered"][i], same[i], ref[i], factor, f"{name} P={world} {what} vs fp64")
+            if kernels_single:
+                check_against(got["gathered"][i], same[i], single[i].double(), factor,
+                              f"{name} P={world} {what} vs single-process gradkernels.attention")
+        except AssertionError as e:
+            failures.append(str(e))
+    acc_size = 8 if dtype == torch.float64 else 4
+    es = torch.empty((), dtype=dtype).element_size()
+    ranks = ranks if ranks is not None else list(range(world))
+    for r, log in zip(range(world), ranks_log):
+        peers = (ranks[(r + 1) % world], ranks[(r - 1) % world])
+        fwd, bwd = _expected_events(r, world, spec, peers, acc_size)
+        if not got["kernels"]:  # the torch path (bf16 under the interpreter): no kernel launches
+            fwd, bwd = ([e for e in s if e[0] == "x"] for s in (fwd, bwd))
+        if log["fwd_events"] != fwd:
+            failures.append(f"{name} P={world} rank {r}: forward schedule {log['fwd_events']} != {fwd}")
+        if log["bwd_events"] != bwd:
+            failures.append(f"{name} P={world} rank {r}: backward schedule {log['bwd_events']} != {bwd}")
+        if "saved" in log:
+            model = sorted([b * hq * shard * d * es, b * hkv * shard * d * es, b * hkv * shard * dv * es,
+                            b * hq * shard * dv * es, b * hq * shard * acc_size, b * hq * shard * acc_size])
+            if sorted(n for _, n in log["saved"]) != model:
+                failures.append(f"{name} P={world} rank {r}: saved {log['saved']} != model {model} bytes")
+            if any(shard < s[2] for s, _ in log["saved"] if len(s) >= 3):
+                failures.append(f"{name} P={world} rank {r}: a saved tensor spans more than the shard")
+            # Receive buffers for K and V (two each at most, reused) and contiguous copies of strided
+            # inputs, counted by the shapes of k and v: unambiguous when q and out have more heads (GQA).
+            buffers = 2 * min(2, world - 1) + log["kv_copies"]
+            if hq != hkv and log["kv_buffers"] != buffers:
+                failures.append(f"{name} P={world} rank {r}: {log['kv_buffers']} K-sized buffers in the forward, "
+                                f"expected {buffers}")
+
+
+def _check_train(got, failures, world):
+    from utils import check_against
+
+    inputs, targets = _train_batch()
+    plain = {}
+    for dtype in (torch.float32, torch.float64):
+        model = _base_model().to(dtype)
+        loss = model(inputs, targets)
+        loss.backward()
+        plain[dtype] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    (loss32, g32), (loss64, g64) = plain[torch.float32], plain[torch.float64]
+    try:
+        check_against(torch.tensor(got["loss"], dtype=torch.float32), loss32, loss64, FACTOR_OUT,
+                      f"P={world} TinyLM loss")
+        assert set(got["grads"]) == set(g64)
+        for name in g64:
+            check_against(got["grads"][name], g32[name], g64[name], FACTOR_GRAD, f"P={world} TinyLM grad {name}")
+    except AssertionError as e:
+        failures.append(str(e))
+
+
+def _check_errors(errors, world):
+    expected = {
+        "shard-zigzag": ("ValueError", f"divisible by 2 * P = {2 * world}"),
+        "shard-contiguous": ("ValueError", f"divisible by P = {world}"),
+        "ring-odd-zigzag": ("ValueError", "must be even"),
+        "unshard-odd-zigzag": ("ValueError", "must be even"),
+    }
+    for key, (kind, text) in expected.items():
+        assert errors[key] is not None, f"{key}: no error raised"
+        assert errors[key][0] == kind and text in errors[key][1], (key, errors[key])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_run(res, world, names, failures):
+    for name in names:
+        logs = [rank_logs[name] for rank_logs in res["ranks"]]
+        _check_case(name, CASES[name], world, res["cases"][name], logs, failures)
+    if "train" in res:
+        _check_train(res["train"], failures, world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_in_processes(world, tmp_path):
+    """The default cases at P ranks in one spawn; all failures are collected, then reported together."""
+    res = _spawn(world, "default", tmp_path)
+    failures = []
+    _check_run(res, world, DEFAULT[world], failures)
+    if DETERMINISM_CASE in res["cases"]:
+        assert res["cases"][DETERMINISM_CASE]["deterministic"], "two runs of one case differ bitwise"
+    if world == 4:
+        sub = res["subgroup"]
+        logs = [res["ranks"][r]["subgroup"] for r in (0, 2)]
+        _check_case(SUBGROUP_CASE, CASES[SUBGROUP_CASE], 2, sub, logs, failures, ranks=[0, 2])
+    _check_errors(res["errors"], world)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_in_processes_slow(world, tmp_path):
+    """The other cases (longer shards than one interpreter tile, D = 80, more dtype/layout combinations)
+    and the TinyLM step at P = 4."""
+    res = _spawn(world, "slow", tmp_path)
+    failures = []
+    _check_run(res, world, SLOW[world], failures)
+    assert not failures, "\n".join(failures)
+
+
+def test_errors_before_any_communication():
+    """Argument errors name the argument and come before the process group is looked up."""
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        gkd.ring_attention(q, q, q, layout="striped")
+    with pytest.raises(ValueError, match="same positions"):
+        gkd.ring_attention(q, q[:, :, :2], q[:, :, :2])
+    with pytest.raises(ValueError, match="must be even"):
+        gkd.ring_attention(q[:, :, :3], q[:, :, :3], q[:, :, :3])
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        gkd.ring_attention(q, q, q, causal=1)
+    with pytest.raises(ValueError, match="multiple of"):
+        gkd.ring_attention(q, q[:, :1].expand(1, 3, 4, 16), q[:, :1].expand(1, 3, 4, 16))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        gkd.shard_sequence(q, layout=None)
+    with pytest.raises(ValueError, match="dim must be an int"):
+        gkd.shard_sequence(q, dim=4)
+
+
+def test_not_initialized_is_a_clear_error():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        gkd.ring_attention(q, q, q)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        gkd.shard_sequence(q, dim=2)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7 and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} --worker RANK WORLD STORE OUT SUITE (the test runs this itself)")
