@@ -526,6 +526,87 @@ def test_not_initialized_is_a_clear_error():
         gkd.shard_sequence(q, dim=2)
 
 
+def test_bench_model_is_the_schedule_of_the_spec():
+    """The bench's analytic model (gradkernels.bench.ring) against this file's spec of the exchanges, and
+    its saved-bytes model against the tensors listed by hand, on every case at P = 1, 2, 4, 8."""
+    from gradkernels.bench import ring as bench_ring
+
+    for name, spec in CASES.items():
+        b, hq, hkv, shard, d, dv, causal, layout, dtype, _ = spec
+        for world in (1, 2, 4, 8):
+            case = bench_ring.RingCase(b, hq, hkv, shard, d, dv, causal, layout, dtype, world)
+            fwd, bwd = _expected_events(0, world, spec, (1, world - 1), 8 if dtype == F64 else 4)
+            model = bench_ring.comm_model(case)
+            assert model["fwd"] == [e[1] for e in fwd if e[0] == "x"], (name, world)
+            assert model["bwd"] == [e[1] for e in bwd if e[0] == "x"], (name, world)
+            es, acc = torch.empty((), dtype=dtype).element_size(), 8 if dtype == F64 else 4
+            q, k, v, out = (torch.empty(b, h, shard, n, dtype=dtype) for h, n in ((hq, d), (hkv, d), (hkv, dv), (hq, dv)))
+            lse_rows = 2 * b * hq * shard * acc
+            assert bench_ring.saved_model(case) == sum(t.numel() * es for t in (q, k, v, out)) + lse_rows
+
+
+def test_bench_rows_fail_on_a_wrong_count():
+    """A rank that sent a byte more than the model is a failed row (so the CLI exits 1), a right one is ok."""
+    from gradkernels.bench import ring as bench_ring
+
+    case = bench_ring.RingCase(1, 2, 1, 8, 16, 16, True, "zigzag", F32, 2)
+    model = bench_ring.comm_model(case)
+    right = {"fwd": [(n, n) for n in model["fwd"]], "bwd": [(n, n) for n in model["bwd"]],
+             "saved": bench_ring.saved_model(case)}
+    wrong = dict(right, bwd=[(n + 1, n) for n in model["bwd"]])
+    rows = bench_ring._rows(case, [right, wrong], None, "cpu")
+    status = {(r.case, r.mode): r.status for r in rows}
+    assert status[("comm", "fwd")] == "ok" and status[("saved", "saved")] == "ok"
+    assert status[("comm", "bwd")].startswith("failed: rank 1 sent")
+
+
+def _bench_ring(tmp_path, *args, env=None):
+    from gradkernels.bench import report
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradkernels.bench", "ring", "--quick", "--no-progress", "--no-plots",
+         "--out", str(tmp_path), *args],
+        cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, report.read_csv(tmp_path / "results.csv")
+
+
+@pytest.mark.slow
+def test_bench_ring_cli_on_cpu(tmp_path):
+    """``python -m gradkernels.bench ring --quick`` on a CPU: 2 gloo processes, every row measured and ok."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc, rows = _bench_ring(tmp_path, env=env)
+    assert "bytes sent and saved are measured" in proc.stdout
+    assert {(r["case"], r["mode"]) for r in rows} == {("comm", "fwd"), ("comm", "bwd"), ("saved", "saved")}
+    assert {r["provider"] for r in rows} == {"ring-zigzag", "ring-contiguous"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["ms_p50"] == "", "no time is taken on a CPU"
+        measured, model = ("saved_bytes", "model_saved_bytes") if r["mode"] == "saved" else (
+            "sent_bytes", "model_sent_bytes")
+        assert int(r[measured]) == int(r[model]) > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs >= 2 CUDA GPUs (one NCCL rank per GPU)")
+def test_bench_ring_weak_scaling_and_overlap_on_gpus(tmp_path):
+    """NCCL on every P = 2, 4, 8 the machine has: the shard length is fixed while P grows (weak scaling),
+    and each case is timed with the ring and with the exchanges replaced by local copies (overlap).
+    Asserts the measurements exist and the byte counts match; speed is reported, never asserted.
+    Not yet run: no multi-GPU machine was available when this was written."""
+    worlds = ",".join(str(p) for p in (2, 4, 8) if p <= torch.cuda.device_count())
+    proc, rows = _bench_ring(tmp_path, "--world", worlds, "--causal")
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    timed = [r for r in rows if r["case"] in ("time", "time-compute-only")]
+    assert {r["P"] for r in timed} == set(worlds.split(","))
+    assert {(r["case"], r["provider"]) for r in timed} == {
+        (c, p) for c in ("time", "time-compute-only") for p in ("ring-zigzag", "ring-contiguous")}
+    assert all(float(r["ms_p50"]) > 0 for r in timed)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 7 and sys.argv[1] == "--worker":
         _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
