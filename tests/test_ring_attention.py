@@ -19,7 +19,8 @@ and rank 0 saves what was measured. The parent then checks, per case:
   out and the two LSE rows, O(L/P); the forward allocates at most two K/V receive buffers.
 
 Plus a training step of TinyLM with sequence-sharded inputs, positions and ring attention, whose loss
-and gradients match the unsharded model. TRITON_INTERPRET is inherited from the parent (conftest).
+and gradients match the unsharded model, and the README's recipe (a Llama-style attention layer with
+RoPE at the global positions of the shard) against the same layer unsharded. TRITON_INTERPRET is inherited from the parent (conftest).
 """
 
 import math
@@ -198,6 +199,56 @@ def _ring_self_attention(self, x):
     return self.o_proj(o.transpose(1, 2).reshape(b, length, cfg.n_heads * hd))
 
 
+def rope(x, pos, base=10000.0):
+    """Rotary embedding of (B, H, L, D) ``x`` at the global positions ``pos`` (L,) (the README's)."""
+    half = x.shape[-1] // 2
+    freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
+    angle = pos[:, None].double() * freq
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+ROPE = dict(B=1, L=16, C=32, H=2, HKV=1, D=16)
+
+
+def _rope_tensors(dtype):
+    g = torch.Generator().manual_seed(5)
+    c, hd = ROPE["C"], ROPE["D"]
+    shapes = {"x": (ROPE["B"], ROPE["L"], c), "wq": (ROPE["H"] * hd, c), "wk": (ROPE["HKV"] * hd, c),
+              "wv": (ROPE["HKV"] * hd, c), "g": (ROPE["B"], ROPE["L"], ROPE["H"] * hd)}
+    return {n: (torch.randn(*s, generator=g, dtype=torch.float64) / math.sqrt(s[-1])).to(dtype)
+            for n, s in shapes.items()}
+
+
+def _rope_layer(t, x, pos, attend):
+    """Llama-style attention with RoPE: projections, rotary angles of ``pos``, causal attention."""
+    b, length, _ = x.shape
+    hd = ROPE["D"]
+    q = (x @ t["wq"].T).view(b, length, -1, hd).transpose(1, 2)
+    k = (x @ t["wk"].T).view(b, length, -1, hd).transpose(1, 2)
+    v = (x @ t["wv"].T).view(b, length, -1, hd).transpose(1, 2)
+    o = attend(rope(q, pos), rope(k, pos), v)
+    return o.transpose(1, 2).reshape(b, length, -1)
+
+
+def _rope_step(dist, device, layout):
+    """The README recipe on one layer: sharded x and positions, ring attention; grads of x and weights."""
+    t = {n: v.to(device) for n, v in _rope_tensors(torch.float32).items()}
+    for n in ("wq", "wk", "wv"):
+        t[n].requires_grad_(True)
+    x = gkd.shard_sequence(t["x"], dim=1, layout=layout).requires_grad_(True)
+    pos = gkd.shard_positions(ROPE["L"], layout=layout, device=device)
+    y = _rope_layer(t, x, pos, lambda q, k, v: gkd.ring_attention(q, k, v, causal=True, layout=layout))
+    (y * gkd.shard_sequence(t["g"], dim=1, layout=layout)).sum().backward()
+    grads = {n: t[n].grad for n in ("wq", "wk", "wv")}
+    for g in grads.values():
+        dist.all_reduce(g)
+    full = {"y": y.detach(), "dx": x.grad}
+    full = {n: gkd.unshard_sequence(v, dim=1, layout=layout).cpu() for n, v in full.items()}
+    return {**full, **{n: g.cpu() for n, g in grads.items()}}
+
+
 def _train_batch():
     return make_batches(TinyLMConfig(), 1, TRAIN_B, TRAIN_L, seed=1)[0]
 
@@ -273,6 +324,7 @@ def _worker(rank, world, store, out, suite):
         results["subgroup"] = r
     if world in TRAIN[suite]:
         results["train"] = _train_step(dist, device, torch.float32, "zigzag")
+        results["rope"] = _rope_step(dist, device, "zigzag")
     if suite == "default":
         results["errors"] = _errors(world)
     # Per-rank logs to rank 0.
@@ -443,6 +495,27 @@ def _check_train(got, failures, world):
         failures.append(str(e))
 
 
+def _check_rope(got, failures, world):
+    """The recipe's layer, sharded, against the unsharded layer: fp64 reference, fp32 torch scale."""
+    from utils import check_against
+
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        t = _rope_tensors(dtype)
+        for n in ("x", "wq", "wk", "wv"):
+            t[n].requires_grad_(True)
+        pos = torch.arange(ROPE["L"])
+        y = _rope_layer(t, t["x"], pos, lambda q, k, v: reference.standard_attention(q, k, v, causal=True))
+        (y * t["g"]).sum().backward()
+        results[dtype] = {"y": y.detach(), "dx": t["x"].grad, **{n: t[n].grad for n in ("wq", "wk", "wv")}}
+    try:
+        for name, ref in results[torch.float64].items():
+            check_against(got[name], results[torch.float32][name], ref, FACTOR_OUT if name == "y" else FACTOR_GRAD,
+                          f"P={world} RoPE layer {name}")
+    except AssertionError as e:
+        failures.append(str(e))
+
+
 def _check_errors(errors, world):
     expected = {
         "shard-zigzag": ("ValueError", f"divisible by 2 * P = {2 * world}"),
@@ -466,6 +539,7 @@ def _check_run(res, world, names, failures):
         _check_case(name, CASES[name], world, res["cases"][name], logs, failures)
     if "train" in res:
         _check_train(res["train"], failures, world)
+        _check_rope(res["rope"], failures, world)
 
 
 @pytest.mark.parametrize("world", [2, 4])
