@@ -54,7 +54,7 @@ from ._device import backend_for
 from .functional import _autocast
 from .ops import attention as attention_ops
 
-__all__ = ["LAYOUTS", "ring_attention", "shard_sequence", "unshard_sequence", "shard_positions"]
+__all__ = ["LAYOUTS", "ring_attention", "shard_positions", "shard_sequence", "unshard_sequence"]
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -259,7 +259,7 @@ class _Unshard(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, group, layout):
-        rank, world = _group_info(group)
+        _, world = _group_info(group)
         ctx.dim, ctx.group, ctx.layout = dim, group, layout
         parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world)]
         dist.all_gather(parts, x.contiguous(), group=group)

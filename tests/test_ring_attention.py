@@ -20,7 +20,8 @@ and rank 0 saves what was measured. The parent then checks, per case:
 
 Plus a training step of TinyLM with sequence-sharded inputs, positions and ring attention, whose loss
 and gradients match the unsharded model, and the README's recipe (a Llama-style attention layer with
-RoPE at the global positions of the shard) against the same layer unsharded. TRITON_INTERPRET is inherited from the parent (conftest).
+RoPE at the global positions of the shard) against the same layer unsharded. TRITON_INTERPRET is
+inherited from the parent (tests/conftest.py).
 """
 
 import math
@@ -54,6 +55,7 @@ CASES = {
     "fp64-causal-zigzag-mqa": (1, 2, 1, 6, 40, 24, True, "zigzag", F64, False),
     "fp64-causal-contiguous-mqa": (2, 2, 1, 9, 16, 16, True, "contiguous", F64, True),
     "fp64-full-zigzag": (1, 2, 2, 6, 16, 16, False, "zigzag", F64, False),
+    "fp64-causal-zigzag-dv-only": (1, 2, 1, 6, 16, 24, True, "zigzag", F64, False),  # q, k frozen
     "fp32-causal-zigzag-gqa": (1, 4, 2, 6, 16, 16, True, "zigzag", F32, False),
     "fp16-causal-contiguous": (1, 2, 2, 7, 16, 16, True, "contiguous", F16, False),
     "fp16-causal-contiguous-mqa": (1, 2, 1, 5, 16, 16, True, "contiguous", F16, False),
@@ -68,10 +70,11 @@ CASES = {
 # P = 2 per case: P ranks times P steps): every kind of case at P = 2, a few at P = 4 (both layouts,
 # MQA, fp64 and fp16, the torch path, sub-rings); the slow suite runs the rest at both counts.
 DEFAULT = {
-    2: ["fp64-causal-zigzag-gqa", "fp64-causal-contiguous-mqa", "fp64-full-zigzag", "fp32-causal-zigzag-gqa",
-        "fp16-causal-contiguous", "bf16-causal-zigzag"],
+    2: ["fp64-causal-zigzag-gqa", "fp64-causal-contiguous-mqa", "fp64-full-zigzag", "fp64-causal-zigzag-dv-only",
+        "fp32-causal-zigzag-gqa", "fp16-causal-contiguous", "bf16-causal-zigzag"],
     4: ["fp64-causal-zigzag-mqa", "fp16-causal-contiguous-mqa", "bf16-causal-zigzag"],
 }
+FROZEN = {"fp64-causal-zigzag-dv-only": ("q", "k")}  # inputs without requires_grad
 SLOW = {world: [n for n in CASES if n not in DEFAULT[world]] for world in (2, 4)}
 TRAIN = {"default": (2,), "slow": (4,)}  # the TinyLM training step at these process counts
 DETERMINISM_CASE = "fp32-causal-zigzag-gqa"
@@ -104,7 +107,8 @@ class _Log:
         self.on = False
 
     def install(self, dist, attention_ops):
-        real_x, real_f, real_b = dist.batch_isend_irecv, attention_ops.attention_forward, attention_ops.attention_backward
+        real_x = dist.batch_isend_irecv
+        real_f, real_b = attention_ops.attention_forward, attention_ops.attention_backward
 
         def exchange(ops):
             if self.on:
@@ -160,9 +164,10 @@ def _shard_input(t, layout, blhd, group):
 
 
 def _run_case(name, spec, world, log, device, group=None):
-    _, _, _, _, _, _, causal, layout, dtype, blhd = spec
+    causal, layout, blhd = spec[6], spec[7], spec[9]
     q, k, v, dout = (t.to(device) for t in _inputs(name, world, spec))
-    ql, kl, vl = (_shard_input(t, layout, blhd, group).detach().requires_grad_(True) for t in (q, k, v))
+    ql, kl, vl = (_shard_input(t, layout, blhd, group).detach().requires_grad_(n not in FROZEN.get(name, ()))
+                  for n, t in zip("qkv", (q, k, v)))
     saved = []
 
     def pack(t):
@@ -178,13 +183,14 @@ def _run_case(name, spec, world, log, device, group=None):
     out.backward(gkd.shard_sequence(dout, dim=2, group=group, layout=layout))
     log.on = False
     events = list(log.events)
-    gathered = [gkd.unshard_sequence(t.detach(), dim=2, group=group, layout=layout).cpu()
-                for t in (out, ql.grad, kl.grad, vl.grad)]
+    results = (out, ql.grad, kl.grad, vl.grad)
+    gathered = [None if t is None else gkd.unshard_sequence(t.detach(), dim=2, group=group, layout=layout).cpu()
+                for t in results]
     return {
         "gathered": gathered,
-        "fwd_events": events[:n_fwd], "bwd_events": events[n_fwd:], "saved": saved,
-        "kv_buffers": kv_buffers, "kv_copies": (not kl.is_contiguous()) + (not vl.is_contiguous()), "kernels": backend_for(ql) != "torch",
-        "bits": [t.detach().cpu().clone() for t in (out, ql.grad, kl.grad, vl.grad)],
+        "fwd_events": events[:n_fwd], "bwd_events": events[n_fwd:], "saved": saved, "kv_buffers": kv_buffers,
+        "kv_copies": (not kl.is_contiguous()) + (not vl.is_contiguous()), "kernels": backend_for(ql) != "torch",
+        "bits": [None if t is None else t.detach().cpu().clone() for t in results],
     }
 
 
@@ -209,7 +215,7 @@ def rope(x, pos, base=10000.0):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-ROPE = dict(B=1, L=16, C=32, H=2, HKV=1, D=16)
+ROPE = {"B": 1, "L": 16, "C": 32, "H": 2, "HKV": 1, "D": 16}
 
 
 def _rope_tensors(dtype):
@@ -295,6 +301,20 @@ def _errors(world):
     return found
 
 
+def _unshard_roundtrip(world):
+    """unshard(shard(w)) == w, and its backward: every rank's loss sum(unshard(x) * w) gives x the
+    gradient P * shard(w) (summed over the ranks). Small integers in fp64: exact."""
+    ok = {}
+    for layout in gkd.LAYOUTS:
+        w = torch.arange(4 * world * 3, dtype=torch.float64).view(1, 4 * world, 3) + 1
+        x = gkd.shard_sequence(w, dim=1, layout=layout).clone().requires_grad_(True)
+        z = gkd.unshard_sequence(x, dim=1, layout=layout)
+        (z * w).sum().backward()
+        expected_grad = world * gkd.shard_sequence(w, dim=1, layout=layout)
+        ok[layout] = torch.equal(z.detach(), w) and torch.equal(x.grad, expected_grad)
+    return ok
+
+
 def _worker(rank, world, store, out, suite):
     import torch.distributed as dist
 
@@ -327,6 +347,7 @@ def _worker(rank, world, store, out, suite):
         results["rope"] = _rope_step(dist, device, "zigzag")
     if suite == "default":
         results["errors"] = _errors(world)
+        results["unshard"] = _unshard_roundtrip(world)
     # Per-rank logs to rank 0.
     keys = ("fwd_events", "bwd_events", "saved", "kv_buffers", "kv_copies")
     mine = {name: {k: r[k] for k in keys}
@@ -410,12 +431,13 @@ def _block_plan(rank, world, step, causal, layout, shard):
     return (shard, c, None) if owner < rank else (c, shard, None)
 
 
-def _expected_events(rank, world, spec, peers, acc_size):
-    """The forward and backward event streams of ``rank`` (see _Log), from the spec of the algorithm."""
-    b, hq, hkv, shard, d, dv, causal, layout, dtype, _ = spec
+def _expected_events(rank, world, spec, peers, acc_size, frozen=()):
+    """The forward and backward event streams of ``rank`` (see _Log), from the spec of the algorithm:
+    the dK/dV accumulators carry only the gradients that are needed (none: no exchange)."""
+    b, _, hkv, shard, d, dv, causal, layout, dtype, _ = spec
     es = torch.empty((), dtype=dtype).element_size()
     kv = b * hkv * shard * (d + dv) * es
-    dkv = b * hkv * shard * (d + dv) * acc_size
+    dkv = b * hkv * shard * (d * ("k" not in frozen) + dv * ("v" not in frozen)) * acc_size
     nxt, prv = peers
     fwd, bwd = [], []
     for step in range(world):
@@ -426,7 +448,7 @@ def _expected_events(rank, world, spec, peers, acc_size):
         if plan is not None:
             fwd.append(("f", *plan))
             bwd.append(("b", *plan))
-        if world > 1:
+        if world > 1 and dkv:
             bwd.append(("x", dkv, dkv, [nxt], [prv]))
     return fwd, bwd
 
@@ -440,6 +462,10 @@ def _check_case(name, spec, world, got, ranks_log, failures, ranks=None):
     kernels_single = backend_for(q) != "torch"
     for i, what in enumerate(("out", "dq", "dk", "dv")):
         factor = FACTOR_OUT if i == 0 else FACTOR_GRAD
+        if i > 0 and what[1] in FROZEN.get(name, ()):
+            if got["gathered"][i] is not None:
+                failures.append(f"{name} P={world}: a gradient for frozen {what[1]}")
+            continue
         try:
             check_against(got["gathered"][i], same[i], ref[i], factor, f"{name} P={world} {what} vs fp64")
             if kernels_single:
@@ -452,7 +478,7 @@ def _check_case(name, spec, world, got, ranks_log, failures, ranks=None):
     ranks = ranks if ranks is not None else list(range(world))
     for r, log in zip(range(world), ranks_log):
         peers = (ranks[(r + 1) % world], ranks[(r - 1) % world])
-        fwd, bwd = _expected_events(r, world, spec, peers, acc_size)
+        fwd, bwd = _expected_events(r, world, spec, peers, acc_size, FROZEN.get(name, ()))
         if not got["kernels"]:  # the torch path (bf16 under the interpreter): no kernel launches
             fwd, bwd = ([e for e in s if e[0] == "x"] for s in (fwd, bwd))
         if log["fwd_events"] != fwd:
@@ -555,6 +581,7 @@ def test_ring_attention_in_processes(world, tmp_path):
         logs = [res["ranks"][r]["subgroup"] for r in (0, 2)]
         _check_case(SUBGROUP_CASE, CASES[SUBGROUP_CASE], 2, sub, logs, failures, ranks=[0, 2])
     _check_errors(res["errors"], world)
+    assert res["unshard"] == {"zigzag": True, "contiguous": True}, res["unshard"]
     assert not failures, "\n".join(failures)
 
 
@@ -614,7 +641,8 @@ def test_bench_model_is_the_schedule_of_the_spec():
             assert model["fwd"] == [e[1] for e in fwd if e[0] == "x"], (name, world)
             assert model["bwd"] == [e[1] for e in bwd if e[0] == "x"], (name, world)
             es, acc = torch.empty((), dtype=dtype).element_size(), 8 if dtype == F64 else 4
-            q, k, v, out = (torch.empty(b, h, shard, n, dtype=dtype) for h, n in ((hq, d), (hkv, d), (hkv, dv), (hq, dv)))
+            q, k, v, out = (torch.empty(b, h, shard, n, dtype=dtype)
+                            for h, n in ((hq, d), (hkv, d), (hkv, dv), (hq, dv)))
             lse_rows = 2 * b * hq * shard * acc
             assert bench_ring.saved_model(case) == sum(t.numel() * es for t in (q, k, v, out)) + lse_rows
 
@@ -672,7 +700,7 @@ def test_bench_ring_weak_scaling_and_overlap_on_gpus(tmp_path):
     Asserts the measurements exist and the byte counts match; speed is reported, never asserted.
     Not yet run: no multi-GPU machine was available when this was written."""
     worlds = ",".join(str(p) for p in (2, 4, 8) if p <= torch.cuda.device_count())
-    proc, rows = _bench_ring(tmp_path, "--world", worlds, "--causal")
+    _, rows = _bench_ring(tmp_path, "--world", worlds, "--causal")
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     timed = [r for r in rows if r["case"] in ("time", "time-compute-only")]
     assert {r["P"] for r in timed} == set(worlds.split(","))

@@ -146,7 +146,7 @@ def main(argv=None) -> int:
 def _run(args, parser) -> int:
     import torch
 
-    from . import attention, linear, memory, report
+    from . import attention, linear, memory
     from .harness import DTYPES, Env, Progress, TimingOptions, run_check, run_timing
 
     env = Env.detect()

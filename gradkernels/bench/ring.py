@@ -157,8 +157,9 @@ def _worker(rank: int, world: int, store: str, cases_path: str, out: str, rep_ms
     real = dist.batch_isend_irecv
 
     def counting(ops):
-        size = lambda o: o.tensor.numel() * o.tensor.element_size()  # noqa: E731
-        calls.append((sum(size(o) for o in ops if o.op is dist.isend), sum(size(o) for o in ops if o.op is dist.irecv)))
+        sent = sum(o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.isend)
+        received = sum(o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.irecv)
+        calls.append((sent, received))
         return real(ops)
 
     dist.batch_isend_irecv = counting
@@ -177,11 +178,11 @@ def _worker(rank: int, world: int, store: str, cases_path: str, out: str, rep_ms
         dout = randn(case.B, case.Hq, case.shard, case.Dv)
         seen = {}
 
-        def pack(t):
+        def pack(t, seen=seen):
             seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
             return t
 
-        def call():
+        def call(q=q, k=k, v=v, case=case):
             return gkd.ring_attention(q, k, v, causal=case.causal, layout=case.layout)
 
         result = {"case": _encode(case), "rank": rank}
