@@ -44,6 +44,7 @@ from gradkernels import distributed as gkd  # noqa: E402
 # The one import of the test model (it is moving to gradkernels.models).
 from gradkernels.testing import TinyLM, TinyLMConfig, make_batches  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the single-process oracle runs
 FACTOR_OUT, FACTOR_GRAD = 2, 3
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 
@@ -412,10 +413,11 @@ def _oracles(q, k, v, dout, causal):
         ke, ve = (t.repeat_interleave(group, dim=1) for t in (k, v))
         mask = reference.causal_mask(q.shape[2], k.shape[2], device=q.device) if causal else None
         same[0] = F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask, scale=scale)
-    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    # The kernels in one process, on the whole sequence (on the GPU where there is one).
+    qq, kk, vv = (t.to(DEVICE).requires_grad_(True) for t in (q, k, v))
     out = gradkernels.attention(qq, kk, vv, causal=causal)
-    single = (out.detach(), *torch.autograd.grad(out, (qq, kk, vv), dout))
-    return ref, tuple(same), single
+    single = (out.detach(), *torch.autograd.grad(out, (qq, kk, vv), dout.to(DEVICE)))
+    return ref, tuple(same), tuple(t.cpu() for t in single)
 
 
 def _block_plan(rank, world, step, causal, layout, shard):
@@ -459,7 +461,7 @@ def _check_case(name, spec, world, got, ranks_log, failures, ranks=None):
     b, hq, hkv, shard, d, dv, causal, layout, dtype, _ = spec
     q, k, v, dout = _inputs(name, world, spec)
     ref, same, single = _oracles(q, k, v, dout, causal)
-    kernels_single = backend_for(q) != "torch"
+    kernels_single = backend_for(q.to(DEVICE)) != "torch"
     for i, what in enumerate(("out", "dq", "dk", "dv")):
         factor = FACTOR_OUT if i == 0 else FACTOR_GRAD
         if i > 0 and what[1] in FROZEN.get(name, ()):
