@@ -79,7 +79,8 @@ FROZEN = {"fp64-causal-zigzag-dv-only": ("q", "k")}  # inputs without requires_g
 SLOW = {world: [n for n in CASES if n not in DEFAULT[world]] for world in (2, 4)}
 TRAIN = {"default": (2,), "slow": (4,)}  # the TinyLM training step at these process counts
 DETERMINISM_CASE = "fp32-causal-zigzag-gqa"
-SUBGROUP_CASE = "fp64-causal-zigzag-mqa"  # also run on the sub-rings {0, 2} and {1, 3} when P = 4 (default)
+SUBGROUP_CASE = "fp64-causal-zigzag-mqa"  # also run on sub-rings (default suite): P = 1 and 2 ranks each
+SUBGROUPS = {2: [[0], [1]], 4: [[0, 2], [1, 3]]}
 TRAIN_B, TRAIN_L = 1, 16
 
 
@@ -338,9 +339,10 @@ def _worker(rank, world, store, out, suite):
             r["deterministic"] = all(torch.equal(a, b) for a, b in zip(r["bits"], again["bits"]))
         del r["bits"]
         results["cases"][name] = r
-    if suite == "default" and world == 4:  # two independent rings in one job: group ranks != global ranks
-        groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
-        r = _run_case(SUBGROUP_CASE, CASES[SUBGROUP_CASE], 2, log, device, group=groups[rank % 2])
+    if suite == "default":  # independent rings in one job: P = 4 as {0, 2} and {1, 3}, P = 2 as {0}, {1}
+        groups = [dist.new_group(members) for members in SUBGROUPS[world]]
+        sub_group = next(g for g, members in zip(groups, SUBGROUPS[world]) if rank in members)
+        r = _run_case(SUBGROUP_CASE, CASES[SUBGROUP_CASE], world // 2, log, device, group=sub_group)
         del r["bits"]
         results["subgroup"] = r
     if world in TRAIN[suite]:
@@ -578,10 +580,9 @@ def test_ring_attention_in_processes(world, tmp_path):
     _check_run(res, world, DEFAULT[world], failures)
     if DETERMINISM_CASE in res["cases"]:
         assert res["cases"][DETERMINISM_CASE]["deterministic"], "two runs of one case differ bitwise"
-    if world == 4:
-        sub = res["subgroup"]
-        logs = [res["ranks"][r]["subgroup"] for r in (0, 2)]
-        _check_case(SUBGROUP_CASE, CASES[SUBGROUP_CASE], 2, sub, logs, failures, ranks=[0, 2])
+    ring0 = SUBGROUPS[world][0]  # the sub-ring of rank 0 (group ranks differ from global ones)
+    logs = [res["ranks"][r]["subgroup"] for r in ring0]
+    _check_case(SUBGROUP_CASE, CASES[SUBGROUP_CASE], len(ring0), res["subgroup"], logs, failures, ranks=ring0)
     _check_errors(res["errors"], world)
     assert res["unshard"] == {"zigzag": True, "contiguous": True}, res["unshard"]
     assert not failures, "\n".join(failures)
