@@ -127,11 +127,15 @@ class TinyLM(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, position_ids=None):
+        """``position_ids``: (L,) global positions of ``idx``'s tokens (default ``arange(L)``), e.g. a
+        shard of a longer sequence under context parallelism (``gradkernels.distributed.shard_positions``)."""
         length = idx.shape[1]
         if length > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {length} exceeds max_seq_len {self.cfg.max_seq_len}")
-        x = self.tok(idx) + self.pos(torch.arange(length, device=idx.device))
+        if position_ids is None:
+            position_ids = torch.arange(length, device=idx.device)
+        x = self.tok(idx) + self.pos(position_ids)
         for block in self.blocks:
             if self.checkpoint and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)

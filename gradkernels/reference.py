@@ -180,35 +180,44 @@ def attention_with_offset(q, k, v, causal_offset, scale):
 def attention_forward(q, k, v, causal_offset, scale):
     """:func:`gradkernels.ops.attention.attention_forward` in torch: ``(out, lse, lse_lo)``.
 
-    ``out`` is laid out as the launcher lays it out (q's memory order), ``lse`` in the LSE dtype
-    (fp32; fp64 for fp64 inputs), ``-inf`` where a row sees no key, and ``lse_lo`` its residual
-    (:func:`gradkernels.ops.attention.split_lse` of the LSE of the scores taken in fp64).
+    Computed in the kernels' accumulator dtype (fp32; fp64 for fp64 inputs). ``out`` is laid out as the
+    launcher lays it out (q's memory order), ``lse`` is ``-inf`` where a row sees no key, and ``lse_lo``
+    its residual (:func:`gradkernels.ops.attention.split_lse` of the LSE of the scores taken in fp64).
     """
     from .ops.attention import _empty_out, lse_dtype, split_lse
 
+    acc = lse_dtype(q.dtype)
     ke, ve = _expand_kv(q, k, v)
-    s = _scores(q, ke, causal_offset, scale)
+    s = _scores(q.to(acc), ke.to(acc), causal_offset, scale)
     p, _ = _softmax_rows(s)
     out = _empty_out(q, v.shape[-1])
-    out.copy_(p @ ve)
-    lse, lse_lo = split_lse(torch.logsumexp(s.double(), dim=-1), lse_dtype(q.dtype))
+    out.copy_(p @ ve.to(acc))
+    lse, lse_lo = split_lse(torch.logsumexp(s.double(), dim=-1), acc)
     return out, lse, lse_lo
 
 
 def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, *, need_dq=True,
                        need_dk=True, need_dv=True):
-    """:func:`gradkernels.ops.attention.attention_backward` in torch: P recomputed from q and k.
+    """:func:`gradkernels.ops.attention.attention_backward` in torch: P recomputed from q, k and the LSE.
 
-    P is recomputed as a softmax of the scores (exact at any logit size, like the kernels' use of
-    ``lse_lo``); ``lse`` and ``lse_lo`` are accepted for the launcher's signature.
+    The launcher's contract: ``P = exp(s - LSE)`` with the LSE given as ``(lse, lse_lo)`` (the rows' LSE
+    over all their keys, which may be more than ``k`` holds: ring attention hands each block the merged
+    one), taken exactly in fp64 (:func:`gradkernels.ops.attention.exact_lse`), so P is as exact as the
+    forward's at any logit size. Accumulator dtype as the forward.
 
     ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K * scale``, ``dK = dS^T Q * scale``,
     dK and dV summed over each query-head group. Returns ``(dq, dk, dv)``, None where not needed.
     """
+    from .ops.attention import exact_lse, lse_dtype
+
+    acc = lse_dtype(q.dtype)
     ke, ve = _expand_kv(q, k, v)
-    p, _ = _softmax_rows(_scores(q, ke, causal_offset, scale))
-    delta = (grad_out * out).sum(-1, keepdim=True)
-    ds = p * (grad_out @ ve.transpose(-2, -1) - delta)
+    s = _scores(q.to(acc), ke.to(acc), causal_offset, scale)
+    row = exact_lse(lse, lse_lo)[..., None]
+    p = torch.where(row == float("-inf"), 0.0, torch.exp(s.double() - row)).to(acc)
+    do = grad_out.to(acc)
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)
+    ds = p * (do @ ve.to(acc).transpose(-2, -1) - delta)
     group = q.shape[1] // k.shape[1]
 
     def per_kv_head(t):  # (B, Hq, Lk, d) -> (B, Hkv, Lk, d): sum over the query-head group
@@ -217,9 +226,9 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
     def like(t, value):  # in t's layout, as the launcher allocates its gradient (torch.empty_like)
         return torch.empty_like(t).copy_(value)
 
-    dq = like(q, (ds @ ke) * scale) if need_dq else None
-    dk = like(k, per_kv_head((ds.transpose(-2, -1) @ q) * scale)) if need_dk else None
-    dv = like(v, per_kv_head(p.transpose(-2, -1) @ grad_out)) if need_dv else None
+    dq = like(q, (ds @ ke.to(acc)) * scale) if need_dq else None
+    dk = like(k, per_kv_head((ds.transpose(-2, -1) @ q.to(acc)) * scale)) if need_dk else None
+    dv = like(v, per_kv_head(p.transpose(-2, -1) @ do)) if need_dv else None
     return dq, dk, dv
 
 

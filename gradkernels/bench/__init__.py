@@ -22,7 +22,7 @@ import sys
 
 __all__ = ["main"]
 
-SUITES = ("linear", "attention", "memory", "all")
+SUITES = ("linear", "attention", "memory", "ring", "all")  # "all" = the first three (ring starts processes)
 
 
 def _ints(text: str) -> tuple:
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heads", type=int, default=None, help="H (default 2048 / D)")
     g.add_argument("--causal", nargs="?", const="yes", default="both", choices=["yes", "no", "both"],
                    help="--causal: causal only; --causal no: non-causal only (default: both)")
+    g = p.add_argument_group("ring (context-parallel attention; not part of 'all')")
+    g.add_argument("--world", type=_ints, default=None,
+                   help="process counts P (default 2 on a CPU, quick too; on GPUs 2, 4, 8 up to the GPU count)")
+    g.add_argument("--shard-lens", type=_ints, default=None,
+                   help="positions per rank (L = P * shard; default CPU 16 (quick) or 16,48; GPU 4096(,16384))")
     g = p.add_argument_group("memory")
     g.add_argument("--max-len", type=int, default=None,
                    help="largest L of the peak-memory sweep (doubling from 512; default 32768, quick 4096)")
@@ -141,10 +146,12 @@ def main(argv=None) -> int:
 def _run(args, parser) -> int:
     import torch
 
-    from . import attention, linear, memory, report
+    from . import attention, linear, memory
     from .harness import DTYPES, Env, Progress, TimingOptions, run_check, run_timing
 
     env = Env.detect()
+    if args.suite == "ring":
+        return _run_ring(args, env)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if env.on_gpu else torch.float32)
     device = "cuda" if env.on_gpu else "cpu"
     modes = args.modes or ("fwd", "bwd", "fwd+bwd")
@@ -218,6 +225,44 @@ def _run(args, parser) -> int:
             rows += memory.run_peak(device, dtype, lens, providers=peak_provs, progress=progress)
     progress.close()
 
+    return _write(args, env, rows, notes)
+
+
+def _run_ring(args, env) -> int:
+    import torch
+
+    from . import ring
+    from .harness import DTYPES, Progress
+
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if env.on_gpu else torch.float32)
+    worlds = args.world
+    if worlds is None and env.on_gpu:
+        worlds = tuple(p for p in (2, 4, 8) if p <= torch.cuda.device_count()) or (2,)
+    elif worlds is None:
+        worlds = (2,)
+    causal = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
+    cases = ring.cases(env.on_gpu, args.quick, dtype, worlds, args.shard_lens, causal, args.heads,
+                       args.head_dims, args.batch)
+    notes = []
+    if not env.on_gpu:
+        notes.append(
+            "No CUDA GPU: the ring runs in P processes with gloo and the kernels under Triton's interpreter;\n"
+            "bytes sent and saved are measured, times are not (they would measure numpy and gloo on a CPU)."
+        )
+    progress = Progress(len(cases), enabled=not args.no_progress)
+    rows = ring.run(cases, "cuda" if env.on_gpu else "cpu", rep_ms=args.rep or (40 if args.quick else 100),
+                    progress=progress)
+    progress.close()
+    return _write(args, env, rows, notes)
+
+
+def _write(args, env, rows, notes) -> int:
+    import torch
+
+    from . import report
+    from .harness import DTYPES
+
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if env.on_gpu else torch.float32)
     text = report.render(rows, env, notes)
     print(text, end="")
 
@@ -238,7 +283,7 @@ def _run(args, parser) -> int:
             print(message)
     print("wrote " + ", ".join(written))
 
-    bad = [r for r in rows if r.status.startswith("failed") and (r.mode == "saved" or (
+    bad = [r for r in rows if r.status.startswith("failed") and (r.mode == "saved" or r.suite == "ring" or (
         r.mode == "check" and r.provider == "gradkernels"))]
     if bad:
         print(f"{len(bad)} check(s) failed: " + "; ".join(f"{r.suite}/{r.provider} {r.status}" for r in bad),

@@ -36,11 +36,12 @@ from .flops import MODES, tflops
 QUANTILES = (0.5, 0.2, 0.8)
 
 # Columns of every result row, in CSV order. Shape fields are blank where they do not apply.
-SHAPE_FIELDS = ("B", "H", "Lq", "Lk", "D", "M", "N", "K", "bias", "activation", "causal")
+SHAPE_FIELDS = ("B", "H", "Lq", "Lk", "D", "M", "N", "K", "bias", "activation", "causal", "P")
 RESULT_FIELDS = (
     "ms_p50", "ms_p20", "ms_p80", "tflops", "speedup_vs_baseline",
     "max_err", "err_bound", "grad_err", "grad_err_bound",
     "peak_bytes", "saved_bytes", "model_saved_bytes", "saved_param_bytes", "model_param_bytes",
+    "sent_bytes", "model_sent_bytes",
 )
 ENV_FIELDS = ("device", "gpu", "torch", "triton", "date")
 CSV_FIELDS = ("suite", "case", "provider", "baseline", "mode", "dtype", *SHAPE_FIELDS, *RESULT_FIELDS,
@@ -84,6 +85,8 @@ class Row:
     model_saved_bytes: int | None = None
     saved_param_bytes: int | None = None
     model_param_bytes: int | None = None
+    sent_bytes: int | None = None  # ring suite: bytes one rank sends per call (all exchanges)
+    model_sent_bytes: int | None = None
     status: str = "ok"
 
     @property

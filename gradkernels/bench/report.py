@@ -52,7 +52,8 @@ def _shape(row: Row) -> str:
         return f"{s['M']}x{s['N']}x{s['K']}" + (f" {extra}" if extra else "")
     if "Lq" in s:
         causal = " causal" if s.get("causal") else ""
-        return f"B={s['B']} H={s['H']} L={s['Lq']} D={s['D']}{causal}"
+        ranks = f"P={s['P']} " if s.get("P") else ""
+        return f"{ranks}B={s['B']} H={s['H']} L={s['Lq']} D={s['D']}{causal}"
     return ""
 
 
@@ -140,6 +141,29 @@ def peak_table(rows: Sequence[Row]) -> str:
     return format_table(headers, body, [False, False, True, True, False])
 
 
+def ring_table(rows: Sequence[Row]) -> str:
+    """Ring attention: bytes one rank sends per call and saves for backward, measured against the model;
+    on GPUs the step time with the ring and with local copies instead (overlap = compute / ring)."""
+    headers = ("shape", "layout", "what", "measured", "model", "status")
+    body = []
+    compute = {(_shape(r), r.provider): r.ms_p50 for r in rows if r.case == "time-compute-only"}
+    for r in rows:
+        if r.case == "comm":
+            what, got, model = f"sent, {r.mode}", fmt_bytes(r.sent_bytes), fmt_bytes(r.model_sent_bytes)
+        elif r.case == "saved":
+            what, got, model = "saved for backward", fmt_bytes(r.saved_bytes), fmt_bytes(r.model_saved_bytes)
+        elif r.case == "time-compute-only":
+            continue
+        else:
+            base = compute.get((_shape(r), r.provider))
+            overlap = f", overlap {base / r.ms_p50:.2f}" if base and r.ms_p50 else ""
+            what = "fwd+bwd ms (compute-only ms)"
+            got = _f(r.ms_p50, ".3f") + (f" ({base:.3f}{overlap})" if base else "")
+            model = "-"
+        body.append((_shape(r), r.provider.replace("ring-", ""), what, got, model, r.status))
+    return format_table(headers, body, [False, False, False, True, True, False])
+
+
 def header(env: Env) -> str:
     return f"device: {env.device}   gpu: {env.gpu}   torch {env.torch}   triton {env.triton}   {env.date}"
 
@@ -157,7 +181,9 @@ def render(rows: Sequence[Row], env: Env, notes: Sequence[str] = ()) -> str:
         ("Attention timings",
          [r for r in rows if r.suite == "attention" and r.mode != "check"], timing_table),
         ("Bytes saved for backward (measured with saved_tensors_hooks; model = analytic)",
-         [r for r in rows if r.mode == "saved"], saved_table),
+         [r for r in rows if r.mode == "saved" and r.suite != "ring"], saved_table),
+        ("Ring attention per rank and call: bytes sent (counted at batch_isend_irecv) and saved for backward",
+         [r for r in rows if r.suite == "ring"], ring_table),
         ("Peak memory of forward+backward beyond the inputs (torch.cuda.max_memory_allocated)",
          [r for r in rows if r.suite == "memory" and r.case == "peak"], peak_table),
     ]
