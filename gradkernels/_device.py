@@ -133,6 +133,20 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def autocast_inputs(device_type: str, *tensors):
+    """``tensors`` as torch's autocast would hand them to a matmul-like op on ``device_type``.
+
+    Floating fp32/fp16/bf16 tensors go to the autocast dtype when autocast is on; fp64, non-floating
+    tensors and None are left alone, as are all tensors on devices without autocast (``meta``).
+    """
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return tensors
+    return tuple(
+        t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype) for t in tensors
+    )
+
+
 def fp32_input_precision(device: torch.device) -> str:
     """The ``tl.dot`` input precision for fp32 operands that follows torch's own flags.
 

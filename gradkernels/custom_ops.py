@@ -123,8 +123,8 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _(q, k, v, causal_offset, scale):
     # The launcher's own allocation helper, so the fake output has the real one's strides.
-    out = attention_ops._empty_out(q, v.shape[-1])
-    lse = q.new_empty(q.shape[:3], dtype=attention_ops.lse_dtype(q.dtype))
+    out = attention_ops.empty_out(q, v.shape[-1])
+    lse = q.new_empty(q.shape[:3], dtype=attention_ops.accumulator_dtype(q.dtype))
     return out, lse, torch.empty_like(lse)
 
 

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from . import custom_ops
-from .functional import _autocast
+from ._device import autocast_inputs
 from .ops import attention as attention_ops
 
 __all__ = ["LAYOUTS", "ring_attention", "shard_positions", "shard_sequence", "unshard_sequence"]
@@ -66,11 +66,6 @@ _custom_bwd = torch.amp.custom_bwd(device_type="cuda")
 # One block: the launchers through the custom ops (the kernels, or their torch twin on the "torch"
 # backend, chosen there as for every other call)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype):
-    """Accumulation dtype of partial outputs and gradients: the LSE dtype (fp64 for fp64, else fp32)."""
-    return attention_ops.lse_dtype(dtype)
 
 
 def _block_forward(q, k, v, causal_offset, scale):
@@ -289,7 +284,7 @@ def _merge(acc_out, acc_lse, rows, out, lse64):
 def _ring_forward(q, k, v, causal, scale, ring):
     """``(out, lse, lse_lo)`` of this rank's queries against the whole sequence."""
     b, hq, length, _ = q.shape
-    acc_out = torch.zeros((b, hq, length, v.shape[3]), dtype=_acc_dtype(q.dtype), device=q.device)
+    acc_out = torch.zeros((b, hq, length, v.shape[3]), dtype=attention_ops.accumulator_dtype(q.dtype), device=q.device)
     acc_lse = torch.full((b, hq, length), float("-inf"), dtype=torch.float64, device=q.device)
     cur = (k.contiguous(), v.contiguous())
     spare = None
@@ -307,12 +302,12 @@ def _ring_forward(q, k, v, causal, scale, ring):
             _wait(pending)
             spare = cur if step > 0 else None  # never overwrite the rank's own K/V
             cur = nxt
-    return (acc_out.to(q.dtype), *attention_ops.split_lse(acc_lse, _acc_dtype(q.dtype)))
+    return (acc_out.to(q.dtype), *attention_ops.split_lse(acc_lse, attention_ops.accumulator_dtype(q.dtype)))
 
 
 def _ring_backward(grad_out, q, k, v, out, lse, lse_lo, causal, scale, ring, need_dq, need_dk, need_dv):
     length = q.shape[2]
-    acc = _acc_dtype(q.dtype)
+    acc = attention_ops.accumulator_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device) if need_dq else None
     need_kv = [need_dk, need_dv]
     cur = (k.contiguous(), v.contiguous())
@@ -374,7 +369,7 @@ class RingAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, causal, scale, ring):
         if q.numel() == 0 or k.numel() == 0:  # B = 0 or L = 0 on every rank: nothing to send
             out = q.new_zeros((*q.shape[:3], v.shape[3]))
-            lse = lse_lo = q.new_zeros(q.shape[:3], dtype=_acc_dtype(q.dtype))
+            lse = lse_lo = q.new_zeros(q.shape[:3], dtype=attention_ops.accumulator_dtype(q.dtype))
         else:
             out, lse, lse_lo = _ring_forward(q, k, v, causal, scale, ring)
         ctx.save_for_backward(q, k, v, out, lse, lse_lo)
@@ -437,7 +432,7 @@ def ring_attention(q, k, v, *, causal=False, scale=None, group=None, layout="zig
             f"layout='zigzag' holds two equal chunks per rank: the shard length must be even (the sequence "
             f"length divisible by 2P), got {q.shape[2]} positions on this rank"
         )
-    q, k, v = _autocast(q.device.type, q, k, v)
+    q, k, v = autocast_inputs(q.device.type, q, k, v)
     attention_ops.check_attention_args(q, k, v, scale)
     ring = _Ring.of(group, layout)
     scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)

@@ -8,23 +8,10 @@ import numbers
 import torch
 
 from . import autograd
-from ._device import autocast_dtype, backend_for
+from ._device import autocast_inputs, backend_for
 from .ops import attention as attention_ops
+from .ops.common import FLOAT_DTYPES
 from .ops.linear import check_linear_args
-
-
-def _autocast(device_type, *tensors):
-    """Cast floating tensors to the autocast dtype when autocast is on for ``device_type``.
-
-    As torch's own autocast: fp64 tensors are left alone (only fp32/fp16/bf16 are eligible). Devices
-    without autocast (``meta``) are left alone.
-    """
-    dtype = autocast_dtype(device_type)
-    if dtype is None:
-        return tensors
-    return tuple(
-        t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype) for t in tensors
-    )
 
 
 def linear(x, weight, bias=None, activation=None):
@@ -46,7 +33,7 @@ def linear(x, weight, bias=None, activation=None):
         ValueError: shapes that do not fit, tensors on different devices, an unknown activation.
     """
     check_linear_args(x, weight, bias, activation, same_dtype=False)
-    x, weight, bias = _autocast(x.device.type, x, weight, bias)
+    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
     check_linear_args(x, weight, bias, activation)
     return autograd.linear(x, weight, bias, activation)
 
@@ -87,21 +74,12 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     attention_ops.check_attention_args(q, k, v, scale, same_dtype=False)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    q, k, v = _autocast(q.device.type, q, k, v)
+    q, k, v = autocast_inputs(q.device.type, q, k, v)
     attention_ops.check_attention_args(q, k, v, scale)
     scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)
     offset = k.shape[2] - q.shape[2] if causal else None
     out, lse = autograd.attention(q, k, v, offset, scale)
     return (out, lse) if return_lse else out
-
-
-def _sdpa_autocast(query, key, value):
-    """torch's autocast rule for SDPA: floating inputs other than fp64 go to the autocast dtype."""
-    dtype = autocast_dtype(query.device.type)
-    if dtype is None:
-        return query, key, value
-    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in (query, key, value))
 
 
 def _sdpa_handover_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -134,8 +112,8 @@ def _sdpa_handover_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
         return "an empty input"
     if key.device != query.device or value.device != query.device:
         return "inputs on different devices"
-    q, k, v = _sdpa_autocast(query, key, value)
-    if q.dtype not in attention_ops._FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    q, k, v = autocast_inputs(query.device.type, query, key, value)
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return "dtypes differ or are not floating point"
     if backend_for(q) == "torch" and q.device.type != "meta":  # meta: the kernels' shapes and layout
         return f"no Triton kernel for {q.dtype} on {q.device.type}"
@@ -171,7 +149,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         # Looked up at call time: while gradkernels.patching routes torch's attribute here, its router
         # sends this nested call to torch's own function.
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kwargs)
-    q, k, v = _sdpa_autocast(query, key, value)
+    q, k, v = autocast_inputs(query.device.type, query, key, value)
     lead = q.shape[:-3] if q.dim() > 3 else ()
     to4 = (lambda t: t.reshape(-1, *t.shape[-3:])) if q.dim() >= 4 else (
         (lambda t: t.unsqueeze(0)) if q.dim() == 3 else (lambda t: t[None, None]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
+from .ops.attention import MAX_HEAD_DIM
 from .reference import ACTIVATIONS
 
 
@@ -56,7 +57,7 @@ class MultiHeadAttention(torch.nn.Module):
 
     Args:
         embed_dim: model width; a multiple of ``num_heads``.
-        num_heads: query heads; ``head_dim = embed_dim // num_heads`` (at most 256).
+        num_heads: query heads; ``head_dim = embed_dim // num_heads`` (at most ``MAX_HEAD_DIM``, 256).
         num_kv_heads: key/value heads (a divisor of ``num_heads``); ``num_heads`` when None.
         causal: each position attends to itself and earlier positions only.
         bias: whether the four projections have a bias.
@@ -77,8 +78,9 @@ class MultiHeadAttention(torch.nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if embed_dim // num_heads > 256:
-            raise ValueError(f"head_dim = embed_dim // num_heads must be at most 256, got {embed_dim // num_heads}")
+        if embed_dim // num_heads > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim = embed_dim // num_heads must be at most {MAX_HEAD_DIM}, "
+                             f"got {embed_dim // num_heads}")
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads

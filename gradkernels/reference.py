@@ -21,46 +21,49 @@ import math
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
+from .ops.attention import default_scale, empty_out, exact_lse, split_lse
+from .ops.common import accumulator_dtype
+
+def _silu_backward(grad, pre):
+    if torch.is_grad_enabled():
+        # aten.silu_backward has no derivative: torch's autograd itself uses this composite form
+        # (infinitely_differentiable_silu_backward) whenever grad mode is on.
+        s = torch.sigmoid(pre)
+        return grad * s * (1.0 + pre * (1.0 - s))
+    return torch.ops.aten.silu_backward(grad, pre)
+
+
+# The activations gradkernels.linear fuses: name -> (torch forward, torch backward ``grad * act'(pre)``).
+# The backward is the aten op torch's autograd uses, so results are torch's (NaN and +-inf included) and
+# differentiable in grad mode (the double backward of gradkernels.linear builds on it). Adding an
+# activation: an entry here, its branch in kernels/_common.py (apply_activation, activation_grad: an
+# unknown name fails to compile there) and its error constants in gradkernels.testing.bounds.
+_ACTIVATION_FNS = {
+    None: (lambda x: x, lambda grad, pre: grad),
+    "relu": (F.relu, lambda grad, pre: torch.ops.aten.threshold_backward(grad, pre, 0)),
+    "gelu": (F.gelu, lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre, approximate="none")),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"),
+                  lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")),
+    "silu": (F.silu, _silu_backward),
+}
+ACTIVATIONS = tuple(_ACTIVATION_FNS)
+
+
+def _activation(activation):
+    try:
+        return _ACTIVATION_FNS[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}") from None
 
 
 def activation_fn(x: torch.Tensor, activation: str | None) -> torch.Tensor:
     """``torch`` implementation of each activation :func:`gradkernels.linear` fuses."""
-    if activation is None:
-        return x
-    if activation == "relu":
-        return F.relu(x)
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if activation == "silu":
-        return F.silu(x)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return _activation(activation)[0](x)
 
 
 def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """``grad * act'(pre)`` through the aten backward op torch's autograd uses for each activation.
-
-    So the result is torch's, NaN and +-inf included, and it is differentiable in ``grad`` and ``pre``
-    when grad mode is on (as torch's own activation backward is): the double backward of
-    :func:`gradkernels.linear` builds on it.
-    """
-    aten = torch.ops.aten
-    if activation is None:
-        return grad
-    if activation == "relu":
-        return aten.threshold_backward(grad, pre, 0)
-    if activation in ("gelu", "gelu_tanh"):
-        return aten.gelu_backward(grad, pre, approximate="tanh" if activation == "gelu_tanh" else "none")
-    if activation == "silu":
-        if torch.is_grad_enabled():
-            # aten.silu_backward has no derivative: torch's autograd itself uses this composite form
-            # (infinitely_differentiable_silu_backward) whenever grad mode is on.
-            s = torch.sigmoid(pre)
-            return grad * s * (1.0 + pre * (1.0 - s))
-        return aten.silu_backward(grad, pre)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    """``grad * act'(pre)`` through the aten backward op torch's autograd uses for each activation."""
+    return _activation(activation)[1](grad, pre)
 
 
 def linear_forward(x2, weight, bias=None, activation=None, store_pre=False):
@@ -162,7 +165,7 @@ def standard_attention(q, k, v, causal=False, scale=None, return_lse=False, alig
 
     Shapes as :func:`gradkernels.attention`: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv).
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     out, lse = attention_with_offset(q, k, v, _causal_offset(causal, q.shape[-2], k.shape[-2], align), scale)
     return (out, lse) if return_lse else out
 
@@ -184,13 +187,12 @@ def attention_forward(q, k, v, causal_offset, scale):
     launcher lays it out (q's memory order), ``lse`` is ``-inf`` where a row sees no key, and ``lse_lo``
     its residual (:func:`gradkernels.ops.attention.split_lse` of the LSE of the scores taken in fp64).
     """
-    from .ops.attention import _empty_out, lse_dtype, split_lse
 
-    acc = lse_dtype(q.dtype)
+    acc = accumulator_dtype(q.dtype)
     ke, ve = _expand_kv(q, k, v)
     s = _scores(q.to(acc), ke.to(acc), causal_offset, scale)
     p, _ = _softmax_rows(s)
-    out = _empty_out(q, v.shape[-1])
+    out = empty_out(q, v.shape[-1])
     out.copy_(p @ ve.to(acc))
     lse, lse_lo = split_lse(torch.logsumexp(s.double(), dim=-1), acc)
     return out, lse, lse_lo
@@ -208,9 +210,8 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
     ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K * scale``, ``dK = dS^T Q * scale``,
     dK and dV summed over each query-head group. Returns ``(dq, dk, dv)``, None where not needed.
     """
-    from .ops.attention import exact_lse, lse_dtype
 
-    acc = lse_dtype(q.dtype)
+    acc = accumulator_dtype(q.dtype)
     ke, ve = _expand_kv(q, k, v)
     s = _scores(q.to(acc), ke.to(acc), causal_offset, scale)
     row = exact_lse(lse, lse_lo)[..., None]
@@ -241,7 +242,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal=False, scale=None, align="bottom_right"):
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scale = default_scale(q.shape[-1]) if scale is None else scale
         offset = _causal_offset(causal, q.shape[-2], k.shape[-2], align)
         ke, ve = _expand_kv(q, k, v)
         p, _ = _softmax_rows(_scores(q, ke, offset, scale))

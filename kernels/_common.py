@@ -63,6 +63,7 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "silu":
         return x * _sigmoid(x)
     else:
+        tl.static_assert(ACTIVATION is None, "unknown ACTIVATION: give it a branch here and in activation_grad")
         return x
 
 
@@ -87,4 +88,5 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
         s = _sigmoid(x)
         return s * (1.0 + x * (1.0 - s))
     else:
+        tl.static_assert(ACTIVATION is None, "unknown ACTIVATION: give it a branch here and in apply_activation")
         return tl.full(x.shape, 1.0, x.dtype)

@@ -1,7 +1,7 @@
 """Flash-style attention: tiled forward that keeps only the log-sum-exp, backward that recomputes P.
 
 Algorithm
-    Forward (``_attn_fwd_kernel``): one program per (query block, batch * query head). It loads its
+    Forward (``attn_fwd_kernel``): one program per (query block, batch * query head). It loads its
     Q tile once and streams K/V tiles, keeping the running row maximum ``m``, the running row sum ``l``
     and the unnormalised output ``acc`` (online softmax, Milakov & Gimelshein 2018). Scores are scaled
     by ``scale * log2(e)`` so every exponential is one ``exp2`` (one MUFU op, no extra multiply).
@@ -11,13 +11,13 @@ Algorithm
     O and the natural-log LSE, nothing else: no (Lq x Lk) tensor exists at any point.
 
     Backward (FlashAttention-2's split, Dao 2023):
-    - ``_attn_bwd_preprocess_kernel``: ``Delta = rowsum(dO * O)`` (= rowsum(P * dP)).
-    - ``_attn_bwd_dkdv_kernel``: one program per (key block, batch * kv head). dK and dV of the block
+    - ``attn_bwd_preprocess_kernel``: ``Delta = rowsum(dO * O)`` (= rowsum(P * dP)).
+    - ``attn_bwd_dkdv_kernel``: one program per (key block, batch * kv head). dK and dV of the block
       stay in registers while the program loops over the (query head of its GQA group, query block)
       pairs that can see the keys (one flat loop; the causal mask is applied in every iteration),
       recomputing ``P^T = exp2(K Q^T * scale*log2e - LSE*log2e)``: ``dV += P^T dO``,
       ``dS^T = P^T * (V dO^T - Delta)``, ``dK += dS^T Q``.
-    - ``_attn_bwd_dq_kernel``: one program per (query block, batch * query head), looping over key
+    - ``attn_bwd_dq_kernel``: one program per (query block, batch * query head), looping over key
       blocks like the forward: ``dQ += (P * (dO V^T - Delta)) K``.
     Each gradient element is written by exactly one program, so there are no atomics and results are
     bitwise identical from run to run. GQA/MQA: kv head = q head // GROUP; dK/dV of a kv head are
@@ -166,7 +166,7 @@ def _attn_fwd_inner(
 
 
 @triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET"])
-def _attn_fwd_kernel(
+def attn_fwd_kernel(
     # pointers
     Q, K, V, O, LSE, LSE_LO,
     # scalars
@@ -254,7 +254,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(
+def attn_bwd_preprocess_kernel(
     # pointers
     O, DO, DELTA,
     # sizes
@@ -311,7 +311,7 @@ def _load_row_stats(LSE_blk, LSE_LO_blk, DELTA_blk, offs, rows, stride_lm, strid
 
 
 @triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET"])
-def _attn_bwd_dkdv_kernel(
+def attn_bwd_dkdv_kernel(
     # pointers
     Q, K, V, DO, LSE, LSE_LO, DELTA, DK, DV,
     # scalars
@@ -450,7 +450,7 @@ def _attn_bwd_dq_inner(
 
 
 @triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET"])
-def _attn_bwd_dq_kernel(
+def attn_bwd_dq_kernel(
     # pointers
     Q, K, V, DO, LSE, LSE_LO, DELTA, DQ,
     # scalars

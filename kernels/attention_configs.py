@@ -177,6 +177,11 @@ def _check_kernel(kernel):
         raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
 
 
+# The largest head dim (D and Dv) the kernels take: head_block() tiles up to 256 are the ones the tile lists
+# and the AOT report cover.
+MAX_HEAD_DIM = 256
+
+
 def head_block(head_dim):
     """``BLOCK_D``: the power-of-two tile covering a head dim (>= 16, the smallest ``tl.dot`` K)."""
     return triton.next_power_of_2(max(int(head_dim), 16))

@@ -205,7 +205,7 @@ def test_compare_real_needs_a_cuda_device(capsys):
 
 
 def test_tiles_subcommand_writes_the_table_from_json_reports(tmp_path, capsys):
-    row = {"arch": 90, "kernel": "_attn_fwd_kernel", "dtype": "bf16", "result": {"regs": 200}, "failures": [],
+    row = {"arch": 90, "kernel": "attn_fwd_kernel", "dtype": "bf16", "result": {"regs": 200}, "failures": [],
            "constexprs": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_DV": 128, "HEAD_D": 128,
                           "HEAD_DV": 128, "INPUT_PRECISION": "ieee"},
            "options": {"num_warps": 8, "num_stages": 3}}

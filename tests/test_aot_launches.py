@@ -121,13 +121,13 @@ def test_attention_launches_follow_the_launcher():
     kernel with the tiles a GPU launch uses, and the launcher's own prune per architecture."""
     rows = check.build_rows([80, 90], kernels=["attn"], dtypes=["bf16"], cases=["attn-bwd-d80-full"])
     kernels = {r.kernel for r in rows}
-    assert kernels == {"_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
-    dq = next(r.job for r in rows if r.kernel == "_attn_bwd_dq_kernel" and r.job is not None)
+    assert kernels == {"attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
+    dq = next(r.job for r in rows if r.kernel == "attn_bwd_dq_kernel" and r.job is not None)
     sig, consts = dict(dq.signature), dict(dq.constexprs)
     assert sig["Q"] == "*bf16" and sig["LSE"] == "*fp32" and sig["SM_SCALE"] == "fp64"
     assert sig["LQ"] == "i32" and "LQ" not in dq.aligned, "do_not_specialize: no divisibility on lengths"
     assert consts["HEAD_D"] == 80 and consts["BLOCK_D"] == 128 and consts["IS_CAUSAL"] is False
-    pre = next(r for r in rows if r.kernel == "_attn_bwd_preprocess_kernel")
+    pre = next(r for r in rows if r.kernel == "attn_bwd_preprocess_kernel")
     assert dict(pre.job.constexprs)["BLOCK_M"] == AC.preprocess_config(80, 2)["BLOCK_M"] == 64
     assert dict(pre.job.options)["num_warps"] == AC.PREPROCESS_WARPS
     for arch in (80, 90):

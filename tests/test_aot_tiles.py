@@ -19,7 +19,7 @@ def test_attention_tile_table_lists_tiles_clean_in_every_launch(tmp_path):
                                "HEAD_DV": bd, **flags},
                 "options": {"num_warps": w, "num_stages": s, **({"maxnreg": mx[0]} if mx else {})}}
 
-    fwd, dkdv = "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"
+    fwd, dkdv = "attn_fwd_kernel", "attn_bwd_dkdv_kernel"
     rows = [row(90, fwd, "fp16", 128, (128, 64, 8, 3)), row(90, fwd, "bf16", 128, (128, 64, 8, 3)),
             row(90, fwd, "fp16", 128, (64, 64, 4, 3)), row(90, fwd, "bf16", 128, (64, 64, 4, 3), ["spills"]),
             row(86, fwd, "fp64", 32, (16, 16, 8, 1, 255)),
@@ -29,7 +29,7 @@ def test_attention_tile_table_lists_tiles_clean_in_every_launch(tmp_path):
             row(90, dkdv, "fp32-tf32", 256, (16, 32, 8, 2), COMPUTE_DK=True, COMPUTE_DV=False, INPUT_PRECISION="ieee"),
             row(90, dkdv, "fp32-tf32", 256, (16, 64, 8, 2), ["spills"], COMPUTE_DK=True, COMPUTE_DV=False,
                 INPUT_PRECISION="ieee"),
-            {"arch": 90, "kernel": "_attn_bwd_preprocess_kernel", "dtype": "fp16", "result": {}, "failures": [],
+            {"arch": 90, "kernel": "attn_bwd_preprocess_kernel", "dtype": "fp16", "result": {}, "failures": [],
              "constexprs": {"BLOCK_M": 64}, "options": {"num_warps": 4}}]
     table = tiles.attention_tile_table(rows)
     assert table[90]["fwd"]["tc16"][128] == [(128, 64, 8, 3, None)]

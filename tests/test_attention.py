@@ -4,15 +4,14 @@ Oracles: ``gradkernels.testing.attention_reference`` (fp64, or extended precisio
 torch's composed path (``reference.standard_attention``) in the dtype under test; the floor of the rule
 is the rounding-error bound ``testing.attention_bounds``. The SDPA drop-in is compared with torch's own
 SDPA. On the CPU the kernels run under Triton's interpreter (shapes kept small); on a GPU the same tests
-run, plus the bf16 and long-sequence cases marked below.
+run, plus the bf16 and long-sequence cases marked below. The SDPA drop-in is tested in test_sdpa.py, the
+modules and autocast in test_attention_modules.py, large logits in test_attention_large_logits.py.
 """
 
-import logging
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,14 +60,14 @@ def _oracles(q, k, v, grad_out, causal, scale, align="bottom_right"):
     return tuple(r[key] for key in KEYS), same, tuple(f[key] for key in KEYS)
 
 
-def _check_all(ours, oracles, lse_dtype):
+def _check_all(ours, oracles, accumulator_dtype):
     ref, same, floor = oracles
     out, lse, dq, dk, dv = ours
     assert_close(out, same[0], ref[0], FACTOR_OUT, "out", floor=floor[0])
-    assert lse.dtype == lse_dtype
+    assert lse.dtype == accumulator_dtype
     finite = torch.isfinite(ref[1])
     assert torch.equal(torch.isfinite(lse), finite), "lse: -inf rows differ from the reference"
-    assert_close(lse[finite], same[1][finite].to(lse_dtype), ref[1][finite], FACTOR_OUT, "lse",
+    assert_close(lse[finite], same[1][finite].to(accumulator_dtype), ref[1][finite], FACTOR_OUT, "lse",
                  floor=floor[1][finite])
     for i, name, ours_g in zip((2, 3, 4), ("dq", "dk", "dv"), (dq, dk, dv)):
         if ours_g is not None:
@@ -336,154 +335,6 @@ def test_bad_input_is_rejected_before_any_launch(make, kwargs, exc, match, monke
 
 
 # ----------------------------------------------------------------------------------------------------
-# The torch.nn.functional.scaled_dot_product_attention drop-in
-# ----------------------------------------------------------------------------------------------------
-
-SDPA_COVERED = [
-    # query shape, key shape, value shape, kwargs
-    ((2, 2, 37, 40), (2, 2, 53, 40), (2, 2, 53, 40), {}),
-    ((1, 2, 53, 64), (1, 2, 37, 64), (1, 2, 37, 64), {"is_causal": True}),  # top-left, Lq > Lk
-    ((1, 2, 37, 64), (1, 2, 53, 64), (1, 2, 53, 24), {"is_causal": True, "scale": 0.2}),
-    ((1, 4, 37, 40), (1, 2, 53, 40), (1, 2, 53, 40), {"enable_gqa": True, "is_causal": True}),
-    ((3, 37, 16), (3, 41, 16), (3, 41, 16), {}),  # 3-D: (N, L, E)
-    ((2, 1, 2, 17, 16), (2, 1, 2, 23, 16), (2, 1, 2, 23, 16), {"is_causal": True}),  # 5-D
-    ((17, 16), (23, 16), (23, 16), {}),  # 2-D
-]
-
-
-@pytest.mark.parametrize("qs,ks,vs,kwargs", SDPA_COVERED)
-def test_sdpa_runs_kernels_and_matches_torch(qs, ks, vs, kwargs, monkeypatch, caplog):
-    calls = []
-    forward = attention_ops.attention_forward
-    monkeypatch.setattr(attention_ops, "attention_forward",
-                        lambda *a, **kw: (calls.append(a[3]), forward(*a, **kw))[1])
-    q, k, v = (torch.randn(s, device=DEVICE).requires_grad_(True) for s in (qs, ks, vs))
-    grad_out = torch.randn(*qs[:-1], vs[-1], device=DEVICE)
-    with caplog.at_level(logging.DEBUG, logger="gradkernels"):
-        out = gradkernels.scaled_dot_product_attention(q, k, v, **kwargs)
-    assert calls == [0 if kwargs.get("is_causal") else None], "the kernels did not run (or ran twice)"
-    assert not caplog.records
-    ours = (out, *_grads(out, (q, k, v), grad_out))
-    results = []
-    for dtype in (torch.float64, torch.float32):
-        qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qq, kk, vv, **kwargs)
-        results.append((o, *_grads(o, (qq, kk, vv), grad_out.to(dtype))))
-    ref, same = results
-    floor = _sdpa_floors(q, k, v, grad_out, kwargs)
-    for i, name in enumerate(("out", "dq", "dk", "dv")):
-        assert_close(ours[i], same[i], ref[i], FACTOR_OUT if i == 0 else FACTOR_GRAD, name, floor=floor[name])
-
-
-def _sdpa_floors(q, k, v, grad_out, kwargs):
-    """``testing.attention_bounds`` of an SDPA call: any leading dims (seen as (B, H)), torch's top-left
-    causal mask; returned in the call's shapes."""
-    def as_4d(t):
-        return t.reshape(-1, *t.shape[-3:]) if t.dim() >= 3 else t.reshape(1, 1, *t.shape)
-
-    f = testing.attention_bounds(as_4d(q), as_4d(k), as_4d(v), as_4d(grad_out), causal=kwargs.get("is_causal", False),
-                                 align="top_left", scale=kwargs.get("scale"))
-    shapes = {"out": grad_out.shape, "dq": q.shape, "dk": k.shape, "dv": v.shape}
-    return {key: f[key].reshape(shape) for key, shape in shapes.items()}
-
-
-SDPA_HANDED_OVER = [
-    ({"attn_mask": "bool"}, "attn_mask"),
-    ({"attn_mask": "float"}, "attn_mask"),
-    ({"dropout_p": 0.3}, "dropout_p"),
-    ({"kv_heads": 1}, "head counts"),  # broadcast heads without enable_gqa: torch's math path allows it
-]
-
-
-@pytest.mark.parametrize("kwargs,reason", SDPA_HANDED_OVER)
-def test_sdpa_hands_other_calls_to_torch(kwargs, reason, monkeypatch, caplog):
-    monkeypatch.setattr(attention_ops, "attention_forward",
-                        lambda *a, **kw: pytest.fail("the kernels ran on a call they do not cover"))
-    kwargs = dict(kwargs)
-    hkv = kwargs.pop("kv_heads", 2)
-    q, k, v = torch.randn(1, 2, 13, 16, device=DEVICE), torch.randn(1, hkv, 11, 16, device=DEVICE), \
-        torch.randn(1, hkv, 11, 16, device=DEVICE)
-    mask = kwargs.get("attn_mask")
-    if mask == "bool":
-        kwargs["attn_mask"] = torch.rand(13, 11, device=DEVICE) > 0.3
-    elif mask == "float":
-        kwargs["attn_mask"] = torch.randn(1, 2, 13, 11, device=DEVICE)
-    torch.manual_seed(1)
-    with caplog.at_level(logging.DEBUG, logger="gradkernels"):
-        ours = gradkernels.scaled_dot_product_attention(q, k, v, **kwargs)
-    torch.manual_seed(1)
-    theirs = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    assert torch.equal(ours, theirs)
-    assert any(reason in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
-
-
-def test_sdpa_raises_what_torch_raises():
-    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16)
-    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    with pytest.raises(RuntimeError) as theirs:
-        F.scaled_dot_product_attention(q, k, v)
-    with pytest.raises(type(theirs.value)):
-        gradkernels.scaled_dot_product_attention(q, k, v)
-
-
-# ----------------------------------------------------------------------------------------------------
-# MultiHeadAttention
-# ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("num_kv_heads,causal", [(None, False), (1, True)])
-def test_multi_head_attention_matches_composed_torch(num_kv_heads, causal):
-    embed, heads, b, length = 64, 4, 2, 37
-    mha = gradkernels.nn.MultiHeadAttention(embed, heads, num_kv_heads=num_kv_heads, causal=causal,
-                                            device=DEVICE)
-    x = torch.randn(b, length, embed, device=DEVICE, requires_grad=True)
-    grad = torch.randn(b, length, embed, device=DEVICE)
-    params = [x] + [p for p in mha.parameters()]
-    out = mha(x)
-    ours = (out, *torch.autograd.grad(out, params, grad))
-
-    def composed(dtype):
-        xx = x.detach().to(dtype).requires_grad_(True)
-        ps = {n: p.detach().to(dtype).requires_grad_(True) for n, p in mha.named_parameters()}
-        hd, hkv = embed // heads, num_kv_heads or heads
-
-        def proj(name, h):
-            y = F.linear(xx, ps[f"{name}.weight"], ps[f"{name}.bias"])
-            return y.view(b, length, h, hd).transpose(1, 2)
-
-        att = reference.naive_attention(proj("q_proj", heads), proj("k_proj", hkv), proj("v_proj", hkv), causal)
-        o = F.linear(att.transpose(1, 2).reshape(b, length, embed), ps["out_proj.weight"], ps["out_proj.bias"])
-        return (o, *torch.autograd.grad(o, [xx] + [ps[n] for n, _ in mha.named_parameters()], grad.to(dtype)))
-
-    ref, same = composed(torch.float64), composed(torch.float32)
-    names = ["out", "dx"] + [n for n, _ in mha.named_parameters()]
-    for i, name in enumerate(names):
-        assert_close(ours[i], same[i], ref[i], FACTOR_OUT if i == 0 else FACTOR_GRAD, name)
-
-
-def test_multi_head_attention_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="multiple of num_heads"):
-        gradkernels.nn.MultiHeadAttention(30, 4)
-    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        gradkernels.nn.MultiHeadAttention(32, 4, num_kv_heads=3)
-    with pytest.raises(ValueError, match="embed_dim=32"):
-        gradkernels.nn.MultiHeadAttention(32, 4)(torch.randn(2, 5, 16, device=DEVICE))
-
-
-def test_attention_follows_autocast():
-    q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
-    dtype = torch.bfloat16
-    with torch.autocast(DEVICE, dtype=dtype):
-        out = gradkernels.attention(q, k, v)
-        ours_sdpa = gradkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
-        theirs_sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert out.dtype == dtype and ours_sdpa.dtype == theirs_sdpa.dtype == dtype
-    ref = reference.standard_attention(q.double(), k.double(), v.double())
-    same = reference.standard_attention(q.to(dtype), k.to(dtype), v.to(dtype))
-    assert_close(out, same, ref, FACTOR_OUT)
-
-
-# ----------------------------------------------------------------------------------------------------
 # CUDA only: bf16 (the interpreter cannot do bf16 arithmetic) and long sequences
 # ----------------------------------------------------------------------------------------------------
 
@@ -504,13 +355,3 @@ GPU_CASES = [
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,d,dv,causal,dtype", GPU_CASES)
 def test_attention_long_and_bf16_on_gpu(b, hq, hkv, lq, lk, d, dv, causal, dtype):
     test_attention_matches_reference(b, hq, hkv, lq, lk, d, dv, causal, dtype)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="bf16 runs on CUDA only (the interpreter has no bf16)")
-def test_sdpa_bf16_on_gpu():
-    q, k, v = (torch.randn(2, 8, 1024, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
-    same = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    floor = testing.attention_bounds(q, k, v, causal=True, align="top_left")["out"]
-    assert_close(gradkernels.scaled_dot_product_attention(q, k, v, is_causal=True), same, ref, FACTOR_OUT,
-                 floor=floor)

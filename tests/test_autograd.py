@@ -15,7 +15,6 @@ would give ~1e-7 relative, 10^8 times the bound.
 """
 
 import contextlib
-import math
 import warnings
 
 import pytest

@@ -123,16 +123,16 @@ def attention_cases() -> list[Case]:
 
         return Tuned(factory, prune, hopeless)
 
-    tuned_kernels = {"_attn_fwd_kernel": tuned("fwd", configs.get_attn_fwd_configs),
-                     "_attn_bwd_dkdv_kernel": tuned("dkdv", lambda: configs.get_attn_bwd_configs()["dkdv"]),
-                     "_attn_bwd_dq_kernel": tuned("dq", lambda: configs.get_attn_bwd_configs()["dq"])}
+    tuned_kernels = {"attn_fwd_kernel": tuned("fwd", configs.get_attn_fwd_configs),
+                     "attn_bwd_dkdv_kernel": tuned("dkdv", lambda: configs.get_attn_bwd_configs()["dkdv"]),
+                     "attn_bwd_dq_kernel": tuned("dq", lambda: configs.get_attn_bwd_configs()["dq"])}
 
     # Launched with preprocess_config() on a GPU (the recorded, pinned-mode launch uses the interpreter's).
     def preprocess(args):
         return triton.Config(configs.preprocess_config(args["HEAD_DV"], args["O"].itemsize),
                              num_warps=configs.PREPROCESS_WARPS)
 
-    fixed = {"_attn_bwd_preprocess_kernel": preprocess}
+    fixed = {"attn_bwd_preprocess_kernel": preprocess}
     # GQA (8 query heads on 2 kv heads), 1024 positions.
     b, hq, hkv, length = 2, 8, 2, 1024
 
@@ -153,7 +153,7 @@ def attention_cases() -> list[Case]:
         def run(dtype, device):
             q, k, v = tensors(dtype, device, d, lq, lk)
             out, grad = torch.empty_like(q), torch.empty_like(q)
-            lse = torch.empty((b, hq, lq), dtype=ops.lse_dtype(dtype), device=device)
+            lse = torch.empty((b, hq, lq), dtype=ops.accumulator_dtype(dtype), device=device)
             ops.attention_backward(grad, q, k, v, out, lse, torch.empty_like(lse), lk - lq if causal else None,
                                    d**-0.5)
 

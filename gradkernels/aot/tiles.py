@@ -13,7 +13,7 @@ from ..kernels import attention_configs
 from ..kernels.arch import calibrated, matmul_path
 from .targets import DTYPES
 
-_VARIANT = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
+_VARIANT = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}
 
 REGENERATE = (
     "    python -m gradkernels.aot check --kernel attention --include-pruned --json report.json  # ~1 h, 2 cores",

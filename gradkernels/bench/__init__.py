@@ -56,6 +56,7 @@ def _modes(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..reference import ACTIVATIONS
     from .harness import DTYPES
 
     p = argparse.ArgumentParser(
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("linear sizes")
     g.add_argument("--shapes", type=_shapes, default=None, help="MxNxK[,MxNxK...] instead of the standard groups")
     g.add_argument("--bias", action="store_true", help="with --shapes: add a bias")
-    g.add_argument("--activation", default=None, choices=["relu", "gelu", "gelu_tanh", "silu"],
+    g.add_argument("--activation", default=None, choices=[a for a in ACTIVATIONS if a is not None],
                    help="with --shapes: fuse this activation")
     g = p.add_argument_group("attention sizes")
     g.add_argument("--seqlens", type=_ints, default=None, help="L values (default 1024..16384; quick: 1024,4096)")
@@ -144,88 +145,118 @@ def main(argv=None) -> int:
 
 
 def _run(args, parser) -> int:
-    import torch
-
-    from . import attention, linear, memory
-    from .harness import DTYPES, Env, Progress, TimingOptions, run_check, run_timing
+    from .harness import Env
 
     env = Env.detect()
     if args.suite == "ring":
         return _run_ring(args, env)
+    wanted = _wanted_providers(args, parser)
+    if wanted is False:
+        return 2
+    plan = _plan(args, env, wanted)
+    plan.no_progress = args.no_progress
+    return _write(args, env, _execute(plan), plan.notes)
+
+
+def _wanted_providers(args, parser):
+    """The providers ``--providers`` names, with every baseline (None: all); False after a usage error."""
+    from . import attention, linear
+
+    if not args.providers:
+        return None
+    wanted = {n.strip() for n in args.providers.split(",") if n.strip()}
+    known = {p.name for r in (linear.REGISTRY, attention.REGISTRY) for p in r.providers}
+    unknown = sorted(wanted - known)
+    if unknown:
+        parser.print_usage(sys.stderr)
+        print(f"gradkernels-bench: error: --providers: unknown {unknown}; known: {sorted(known)}", file=sys.stderr)
+        return False
+    return wanted | {r.baseline.name for r in (linear.REGISTRY, attention.REGISTRY)}
+
+
+class _Plan:
+    """What one run does: (kind, suite, cases, providers) steps, the memory sweeps, notes for the report."""
+
+    def __init__(self, env, dtype, modes, opts):
+        self.env, self.dtype, self.modes, self.opts = env, dtype, modes, opts
+        self.device = "cuda" if env.on_gpu else "cpu"
+        self.steps, self.notes = [], []
+        self.memory = None  # (saved sweep, peak lengths, peak providers) when the memory suite runs
+        self.no_progress = False
+
+    def total(self) -> int:
+        from . import memory
+
+        n = sum(len(cases) * len(provs) * (len(self.modes) if kind == "time" else 1)
+                for kind, _, cases, provs in self.steps)
+        if self.memory is not None:
+            sweep, lens, peak_provs = self.memory
+            n += len(sweep.attention_lens) * len(memory.SAVED_ATTENTION_PROVIDERS)
+            n += 3 * len(sweep.linear_ms) * len(memory.SAVED_LINEAR_PROVIDERS)
+            n += len(lens) * len(peak_provs) if self.env.on_gpu else 0
+        return n
+
+
+def _plan(args, env, wanted) -> _Plan:
+    import torch
+
+    from . import attention, linear, memory
+    from .harness import DTYPES, TimingOptions
+
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if env.on_gpu else torch.float32)
-    device = "cuda" if env.on_gpu else "cpu"
-    modes = args.modes or ("fwd", "bwd", "fwd+bwd")
+    opts = TimingOptions(args.warmup or (10 if args.quick else 25), args.rep or (40 if args.quick else 100))
+    plan = _Plan(env, dtype, args.modes or ("fwd", "bwd", "fwd+bwd"), opts)
     causal = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
     suites = ("linear", "attention", "memory") if args.suite == "all" else (args.suite,)
-    opts = TimingOptions(args.warmup or (10 if args.quick else 25), args.rep or (40 if args.quick else 100))
-
-    wanted = None
-    if args.providers:
-        wanted = {n.strip() for n in args.providers.split(",") if n.strip()}
-        known = {p.name for r in (linear.REGISTRY, attention.REGISTRY) for p in r.providers}
-        unknown = sorted(wanted - known)
-        if unknown:
-            parser.print_usage(sys.stderr)
-            print(f"gradkernels-bench: error: --providers: unknown {unknown}; known: {sorted(known)}", file=sys.stderr)
-            return 2
-        wanted |= {r.baseline.name for r in (linear.REGISTRY, attention.REGISTRY)}
-
-    notes = []
     if not env.on_gpu:
-        notes.append(
+        plan.notes.append(
             "No CUDA GPU on this machine: timings need a GPU, and none were taken (under Triton's interpreter a\n"
             "time would measure numpy, not a kernel). What ran here: the correctness check of each kernel\n"
             "under the interpreter and the saved-for-backward comparison."
         )
         if dtype == torch.bfloat16:
-            notes.append("bf16: Triton's interpreter cannot do bf16 arithmetic; the kernels are reported unavailable.")
-
-    # Work list, so the progress display knows its total.
-    plan = []
+            plan.notes.append("bf16: Triton's interpreter cannot do bf16 arithmetic; the kernels are reported "
+                              "unavailable.")
     if "linear" in suites:
-        provs = linear.REGISTRY.select(wanted)
-        plan.append(("check", "linear", linear.check_cases(dtype, env.on_gpu), linear.REGISTRY.providers))
+        plan.steps.append(("check", "linear", linear.check_cases(dtype, env.on_gpu), linear.REGISTRY.providers))
         if env.on_gpu:
             cases = linear.timing_cases(dtype, args.quick, args.shapes, args.bias, args.activation)
-            plan.append(("time", "linear", cases, provs))
+            plan.steps.append(("time", "linear", cases, linear.REGISTRY.select(wanted)))
     if "attention" in suites:
-        provs = attention.REGISTRY.select(wanted)
         cases = attention.timing_cases(dtype, args.quick, args.seqlens, args.head_dims, causal, args.batch,
                                        args.heads)
         head_dims = sorted({c.D for c in cases})
-        plan.append(("check", "attention", attention.check_cases(dtype, env.on_gpu, head_dims, causal),
-                     attention.REGISTRY.providers))
+        plan.steps.append(("check", "attention", attention.check_cases(dtype, env.on_gpu, head_dims, causal),
+                           attention.REGISTRY.providers))
         if env.on_gpu:
-            plan.append(("time", "attention", cases, provs))
-    sweep = memory.saved_sweep(env.on_gpu, args.quick)
-    lens = memory.peak_lens(args.quick, args.max_len)
-    peak_provs = attention.REGISTRY.select(wanted)
-    total = 0
-    for kind, _, cases, provs in plan:
-        total += len(cases) * len(provs) * (len(modes) if kind == "time" else 1)
+            plan.steps.append(("time", "attention", cases, attention.REGISTRY.select(wanted)))
     if "memory" in suites:
-        total += len(sweep.attention_lens) * len(memory.SAVED_ATTENTION_PROVIDERS)
-        total += 3 * len(sweep.linear_ms) * len(memory.SAVED_LINEAR_PROVIDERS)
-        if env.on_gpu:
-            total += len(lens) * len(peak_provs)
-        else:
-            notes.append("Peak memory (torch.cuda.max_memory_allocated) needs a GPU: not measured here.")
+        plan.memory = (memory.saved_sweep(env.on_gpu, args.quick), memory.peak_lens(args.quick, args.max_len),
+                       attention.REGISTRY.select(wanted))
+        if not env.on_gpu:
+            plan.notes.append("Peak memory (torch.cuda.max_memory_allocated) needs a GPU: not measured here.")
+    return plan
 
-    progress = Progress(total, enabled=not args.no_progress)
+
+def _execute(plan: _Plan) -> list:
+    from . import memory
+    from .harness import Progress, run_check, run_timing
+
+    progress = Progress(plan.total(), enabled=not plan.no_progress)
     rows = []
-    for kind, suite, cases, provs in plan:
+    for kind, suite, cases, provs in plan.steps:
         if kind == "check":
             oracles = ("torch",) if suite == "linear" else ("sdpa-flash", "sdpa-math")
-            rows += run_check(suite, cases, provs, device, progress, oracle_names=oracles)
+            rows += run_check(suite, cases, provs, plan.device, progress, oracle_names=oracles)
         else:
-            rows += run_timing(suite, cases, provs, modes, device, opts, progress)
-    if "memory" in suites:
-        rows += memory.run_saved(device, dtype, sweep, progress)
-        if env.on_gpu:
-            rows += memory.run_peak(device, dtype, lens, providers=peak_provs, progress=progress)
+            rows += run_timing(suite, cases, provs, plan.modes, plan.device, plan.opts, progress)
+    if plan.memory is not None:
+        sweep, lens, peak_provs = plan.memory
+        rows += memory.run_saved(plan.device, plan.dtype, sweep, progress)
+        if plan.env.on_gpu:
+            rows += memory.run_peak(plan.device, plan.dtype, lens, providers=peak_provs, progress=progress)
     progress.close()
-
-    return _write(args, env, rows, notes)
+    return rows
 
 
 def _run_ring(args, env) -> int:

@@ -200,7 +200,7 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _clear_grads(inputs: dict) -> None:
+def clear_grads(inputs: dict) -> None:
     for t in inputs.values():
         if isinstance(t, torch.Tensor):
             t.grad = None
@@ -329,7 +329,7 @@ def run_timing(suite: str, cases: Sequence[Any], providers: Sequence[Provider], 
                         row.tflops = tflops(case.flops(mode), row.ms_p50)
                     except Exception as exc:
                         row.status = describe_error(exc)
-                _clear_grads(inputs)
+                clear_grads(inputs)
                 if row.status == "oom":
                     release_memory()
                 case_rows.append(row)
@@ -362,11 +362,11 @@ def _fill_speedups(case_rows: list[Row]) -> None:
 
 
 def _forward_backward(fn: Callable[[], torch.Tensor], inputs: dict, dout: torch.Tensor):
-    _clear_grads(inputs)
+    clear_grads(inputs)
     out = fn()
     out.backward(dout.to(out.dtype))
     grads = {k: t.grad.detach().clone() for k, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad}
-    _clear_grads(inputs)
+    clear_grads(inputs)
     return out.detach(), grads
 
 

@@ -29,7 +29,7 @@ import torch
 
 from .attention import REGISTRY as ATTENTION
 from .attention import AttentionCase
-from .harness import DTYPE_NAMES, Progress, Row, _clear_grads, describe_error, release_memory
+from .harness import DTYPE_NAMES, Progress, Row, clear_grads, describe_error, release_memory
 from .linear import REGISTRY as LINEAR
 from .linear import LinearCase
 
@@ -291,7 +291,7 @@ def _peak_once(case: AttentionCase, provider, device) -> int:
     dout = case.make_grad_output(device)
     try:
         provider.fn(case, inputs).backward(dout)  # warm-up: compilation and autotuning not counted
-        _clear_grads(inputs)
+        clear_grads(inputs)
         release_memory()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -300,5 +300,5 @@ def _peak_once(case: AttentionCase, provider, device) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     finally:
-        _clear_grads(inputs)
+        clear_grads(inputs)
         del inputs, dout

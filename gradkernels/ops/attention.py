@@ -18,11 +18,11 @@ import torch
 import triton
 
 from .. import _device
+from .common import FLOAT_DTYPES, accumulator_dtype  # noqa: F401 (accumulator_dtype: re-exported)
 from ..kernels import attention as kernels
 from ..kernels import attention_configs as configs
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = configs.MAX_HEAD_DIM
 
 
 def check_attention_args(q, k, v, scale=None, *, same_dtype=True):
@@ -34,7 +34,7 @@ def check_attention_args(q, k, v, scale=None, *, same_dtype=True):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
             )
@@ -83,12 +83,7 @@ def default_scale(head_dim):
     return 1.0 / math.sqrt(head_dim)
 
 
-def lse_dtype(dtype):
-    """The LSE (and Delta) dtype: fp64 for fp64 inputs, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _empty_out(q, dv):
+def empty_out(q, dv):
     """Output buffer in q's memory layout when q is a head-interleaved (B, L, H, D) tensor seen as
     (B, H, L, D): the caller's ``transpose(1, 2).reshape(B, L, H * Dv)`` is then a free view."""
     b, h, lq, _ = q.shape
@@ -112,9 +107,9 @@ _KEYS = ["LQ_BUCKET", "LK_BUCKET", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "INPUT_PREC
 def _autotuned(kernel):
     """One autotuner per kernel, keyed by bucketed lengths (a new length does not retune)."""
     if kernel == "fwd":
-        fn, tiles = kernels._attn_fwd_kernel, configs.get_attn_fwd_configs()
+        fn, tiles = kernels.attn_fwd_kernel, configs.get_attn_fwd_configs()
     else:
-        fn = kernels._attn_bwd_dkdv_kernel if kernel == "dkdv" else kernels._attn_bwd_dq_kernel
+        fn = kernels.attn_bwd_dkdv_kernel if kernel == "dkdv" else kernels.attn_bwd_dq_kernel
         tiles = configs.get_attn_bwd_configs()[kernel]
     keys = _KEYS + (["COMPUTE_DK", "COMPUTE_DV"] if kernel == "dkdv" else [])
     prune = {"early_config_prune": functools.partial(_prune, kernel)}
@@ -173,7 +168,7 @@ _LN2 = 0.6931471805599453
 
 
 def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None, lse_lo=None):
-    """Forward of ``softmax(q k^T * scale [+ causal mask]) v`` through ``_attn_fwd_kernel``.
+    """Forward of ``softmax(q k^T * scale [+ causal mask]) v`` through ``attn_fwd_kernel``.
 
     Args:
         q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv); any strides, one dtype and device
@@ -192,9 +187,9 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None, lse_
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     if out is None:
-        out = _empty_out(q, dv)
+        out = empty_out(q, dv)
     if lse is None:
-        lse = torch.empty((b, h, lq), device=q.device, dtype=lse_dtype(q.dtype))
+        lse = torch.empty((b, h, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
     if lse_lo is None:
         lse_lo = torch.empty_like(lse)
     if lse_lo.stride() != lse.stride():
@@ -212,7 +207,7 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None, lse_
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
-    _launch("fwd", kernels._attn_fwd_kernel, grid, args, _flags(q, d, dv, causal_offset),
+    _launch("fwd", kernels.attn_fwd_kernel, grid, args, _flags(q, d, dv, causal_offset),
             configs.INTERPRETER_FWD_CONFIG)
     return out, lse, lse_lo
 
@@ -262,10 +257,10 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
     q, kernel_scale = _sign_folded(q, scale)
 
     if delta is None:
-        delta = torch.empty((b, h, lq), device=q.device, dtype=lse_dtype(q.dtype))
+        delta = torch.empty((b, h, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
     delta_tile = (configs.preprocess_config(dvdim, q.element_size()) if _device.use_autotune()
                   else configs.INTERPRETER_PREPROCESS_CONFIG)
-    kernels._attn_bwd_preprocess_kernel[(triton.cdiv(lq, delta_tile["BLOCK_M"]) * b * h,)](
+    kernels.attn_bwd_preprocess_kernel[(triton.cdiv(lq, delta_tile["BLOCK_M"]) * b * h,)](
         out, grad_out, delta, h, lq, *out.stride(), *grad_out.stride(), *delta.stride(),
         HEAD_DV=dvdim, BLOCK_DV=configs.head_block(dvdim), num_warps=configs.PREPROCESS_WARPS, **delta_tile,
     )
@@ -292,7 +287,7 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
         else:
             passes = ((need_dk, need_dv),)
         for compute_dk, compute_dv in passes:
-            _launch("dkdv", kernels._attn_bwd_dkdv_kernel, grid_kv, args,
+            _launch("dkdv", kernels.attn_bwd_dkdv_kernel, grid_kv, args,
                     dict(flags, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv), configs.INTERPRETER_BWD_CONFIG)
     if need_dq:
         args = (q, k, v, grad_out, lse, lse_lo, delta, dq, *common, h, h // hkv, *sizes_tail, *in_strides,
@@ -301,7 +296,7 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
         def grid_q(meta):
             return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
-        _launch("dq", kernels._attn_bwd_dq_kernel, grid_q, args, flags, configs.INTERPRETER_BWD_CONFIG)
+        _launch("dq", kernels.attn_bwd_dq_kernel, grid_q, args, flags, configs.INTERPRETER_BWD_CONFIG)
         if scale <= 0:  # dQ of the folded q' = sign * q (see _sign_folded)
             dq.neg_() if scale < 0 else dq.zero_()
     return dq, dk, dv

@@ -12,11 +12,11 @@ import torch
 import triton
 
 from .. import _device
+from .common import FLOAT_DTYPES, accumulator_dtype
 from ..kernels import linear as kernels
 from ..kernels import linear_configs as configs
 from ..reference import ACTIVATIONS
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_linear_args(x, weight, bias=None, activation=None, *, same_dtype=True):
@@ -27,7 +27,7 @@ def check_linear_args(x, weight, bias=None, activation=None, *, same_dtype=True)
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
+        if t is not None and t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
             )
@@ -53,10 +53,6 @@ def check_linear_args(x, weight, bias=None, activation=None, *, same_dtype=True)
                 raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all must have one dtype")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _prune(tiles, named_args, **flags):
@@ -94,7 +90,7 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
         if row_sum is not None:
             row_sum.zero_()
         return out
-    acc_dtype = _acc_dtype(a.dtype)
+    acc_dtype = accumulator_dtype(a.dtype)
     split = max(1, min(split, triton.cdiv(k, 16))) if k > 0 else 1
     ws = torch.empty((split, m, n), device=a.device, dtype=acc_dtype) if split > 1 else None
     rs = row_sum
