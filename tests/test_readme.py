@@ -1,9 +1,10 @@
 """README.md's Python examples run as written (on whatever device this machine has: they pick it).
 
 Each ```python block is executed on its own, in a fresh namespace. A block may opt out with a first line
-``# readme-test: not run (<reason>)``; it is then only compiled (syntax). None does today: the
-transformers example builds a tiny model from a config (no download) and is skipped only when the
-optional transformers extra is not installed.
+``# readme-test: not run (<reason>)``; it is then only compiled (syntax). One does: the ring-attention
+training recipe, which needs a model and data of the reader's own (its layer runs in 2 and 4 processes in
+tests/test_ring_attention.py). The transformers example builds a tiny model from a config (no download)
+and is skipped only when the optional transformers extra is not installed.
 """
 
 import contextlib
