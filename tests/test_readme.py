@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 NOT_RUN = re.compile(r"^# readme-test: not run \((.+)\)$")
@@ -43,5 +44,12 @@ def test_readme_python_block_runs(code, line):
         pytest.skip(f"README.md:{line} is marked not run: {not_run.group(1)}")
     if "import transformers" in code:
         pytest.importorskip("transformers", reason="the optional transformers extra is not installed")
-    with contextlib.redirect_stdout(io.StringIO()):
-        exec(compiled, {"__name__": "__readme__"})
+    dist = torch.distributed
+    had_group = dist.is_available() and dist.is_initialized()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compiled, {"__name__": "__readme__"})
+    finally:
+        # A block that starts a process group (the ring example) must not leave it to later tests.
+        if dist.is_available() and dist.is_initialized() and not had_group:
+            dist.destroy_process_group()
