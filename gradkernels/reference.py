@@ -22,48 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from .ops.attention import default_scale, empty_out, exact_lse, split_lse
-from .ops.common import accumulator_dtype
-
-def _silu_backward(grad, pre):
-    if torch.is_grad_enabled():
-        # aten.silu_backward has no derivative: torch's autograd itself uses this composite form
-        # (infinitely_differentiable_silu_backward) whenever grad mode is on.
-        s = torch.sigmoid(pre)
-        return grad * s * (1.0 + pre * (1.0 - s))
-    return torch.ops.aten.silu_backward(grad, pre)
-
-
-# The activations gradkernels.linear fuses: name -> (torch forward, torch backward ``grad * act'(pre)``).
-# The backward is the aten op torch's autograd uses, so results are torch's (NaN and +-inf included) and
-# differentiable in grad mode (the double backward of gradkernels.linear builds on it). Adding an
-# activation: an entry here, its branch in kernels/_common.py (apply_activation, activation_grad: an
-# unknown name fails to compile there) and its error constants in gradkernels.testing.bounds.
-_ACTIVATION_FNS = {
-    None: (lambda x: x, lambda grad, pre: grad),
-    "relu": (F.relu, lambda grad, pre: torch.ops.aten.threshold_backward(grad, pre, 0)),
-    "gelu": (F.gelu, lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre, approximate="none")),
-    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"),
-                  lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")),
-    "silu": (F.silu, _silu_backward),
-}
-ACTIVATIONS = tuple(_ACTIVATION_FNS)
-
-
-def _activation(activation):
-    try:
-        return _ACTIVATION_FNS[activation]
-    except (KeyError, TypeError):
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}") from None
-
+from .ops.common import ACTIVATIONS, accumulator_dtype, activation_fns  # noqa: F401 (ACTIVATIONS: re-exported)
 
 def activation_fn(x: torch.Tensor, activation: str | None) -> torch.Tensor:
     """``torch`` implementation of each activation :func:`gradkernels.linear` fuses."""
-    return _activation(activation)[0](x)
+    return activation_fns(activation)[0](x)
 
 
 def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str | None) -> torch.Tensor:
     """``grad * act'(pre)`` through the aten backward op torch's autograd uses for each activation."""
-    return _activation(activation)[1](grad, pre)
+    return activation_fns(activation)[1](grad, pre)
 
 
 def linear_forward(x2, weight, bias=None, activation=None, store_pre=False):

@@ -23,12 +23,12 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import gradkernels
-from gradkernels import _device
+from gradkernels import _device, reference
 from gradkernels.ops import attention as attention_ops
 from gradkernels.ops import linear as linear_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ACTS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+ACTS = list(reference.ACTIVATIONS)
 BACKENDS = ["kernels", "torch"]
 EPS64, EPS32 = torch.finfo(torch.float64).eps, torch.finfo(torch.float32).eps
 

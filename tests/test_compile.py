@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradkernels import autograd, custom_ops, patching
+from gradkernels import autograd, custom_ops, patching, reference
 from gradkernels.models import TinyLM, TinyLMConfig, make_batches
 
 from utils import DEVICE, assert_close
 
-ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+ACTIVATIONS = list(reference.ACTIVATIONS)
 
 
 # opcheck tests the schema, the fake implementation and AOT dispatch: the kernel math is the same for

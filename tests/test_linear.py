@@ -16,7 +16,7 @@ from gradkernels import reference, testing
 from gradkernels.ops import linear as linear_ops
 from utils import DEVICE, DTYPES, ON_GPU, assert_close
 
-ACTS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+ACTS = list(reference.ACTIVATIONS)
 
 
 def _inputs(shape_x, n, dtype, bias=True, requires_grad=True):

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import gradkernels
-from gradkernels import _device
+from gradkernels import _device, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ACTS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+ACTS = list(reference.ACTIVATIONS)
 BACKENDS = ["kernels", "torch"]
 INF, NAN = float("inf"), float("nan")
 

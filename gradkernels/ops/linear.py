@@ -12,10 +12,10 @@ import torch
 import triton
 
 from .. import _device
-from .common import FLOAT_DTYPES, accumulator_dtype
+from .common import ACTIVATIONS, FLOAT_DTYPES, accumulator_dtype
 from ..kernels import linear as kernels
 from ..kernels import linear_configs as configs
-from ..reference import ACTIVATIONS
+
 
 
 
