@@ -1,4 +1,4 @@
-"""Functional API: :func:`linear`, :func:`attention`, :func:`scaled_dot_product_attention`."""
+"""Functional API: :func:`linear`, :func:`attention`, :func:`attention_varlen`, :func:`scaled_dot_product_attention`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import numbers
 import torch
 
 from . import autograd
+from . import dropout as dropout_rng
 from ._device import autocast_inputs, backend_for
 from .ops import attention as attention_ops
+from .ops import attention_features
 from .ops.common import FLOAT_DTYPES
 from .ops.linear import check_linear_args
 
@@ -41,25 +43,43 @@ def linear(x, weight, bias=None, activation=None):
 _log = logging.getLogger("gradkernels")
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+def attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+              dropout_p=0.0, return_lse=False):
     """Flash-style attention ``softmax(q k^T * scale) v``, forward and backward in Triton kernels.
 
     No (Lq x Lk) tensor is stored or allocated: the forward keeps the log-sum-exp of each row and the
-    backward recomputes the softmax from it.
+    backward recomputes the softmax from it (and the dropout mask from its seed).
+
+    Positions: query ``i`` in [0, Lq), key ``j`` in [0, Lk); the diagonal is bottom-right,
+    ``j = i + Lk - Lq`` (the last query is aligned with the last key).
 
     Args:
         q: (B, Hq, Lq, D) queries. k: (B, Hkv, Lk, D) keys. v: (B, Hkv, Lk, Dv) values. Any strides
             (a (B, L, H, D) tensor transposed to (B, H, L, D) is read in place); Hq a multiple of Hkv
             (grouped-query attention; Hkv = 1 is multi-query); D, Dv <= 256; one floating dtype.
-        causal: mask keys after the query, bottom-right aligned: query i sees keys
-            ``j <= i + Lk - Lq`` (FlashAttention >= 2.1; the last query sees every key, as with a KV
-            cache). With Lq > Lk the first ``Lq - Lk`` rows see no key: their output is 0, their LSE
-            ``-inf`` and their gradients 0. (torch's ``is_causal`` is top-left aligned: use
+        causal: query i sees keys ``j <= i + Lk - Lq`` (bottom-right, FlashAttention >= 2.1; the last
+            query sees every key, as with a KV cache): the window's right side becomes 0. With Lq > Lk the
+            first ``Lq - Lk`` rows see no key. (torch's ``is_causal`` is top-left aligned: use
             :func:`scaled_dot_product_attention` for that.)
         scale: softmax scale; ``1 / sqrt(D)`` when None.
-        return_lse: also return the natural-log log-sum-exp of each row's scaled scores, so partial
-            results over key chunks can be merged exactly. It is not differentiable (no gradient
-            flows back through it).
+        window_size: ``(left, right)``: query i sees key j iff
+            ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``; -1 leaves a side unbounded (the default:
+            no window). With ``causal=True`` right is 0 whatever is given (FlashAttention's rule).
+        softcap: ``> 0``: scores become ``softcap * tanh(scale * q.k / softcap)`` before the softmax
+            (Gemma 2's attention-logit soft-capping); 0: off.
+        alibi_slopes: None, or float32 (Hq,) or (B, Hq): adds ``-slope * |i + Lk - Lq - j|`` to the
+            (soft-capped) scaled scores. Not differentiated.
+        dropout_p: drop probability of the attention weights, in [0, 1): kept weights are scaled by
+            ``1 / (1 - dropout_p)``. The keep-mask comes from Philox seeded by one draw from the default
+            generator of q's device (reproducible after ``torch.manual_seed``), is regenerated in the
+            backward, and depends only on (seed, batch, head, i, j): see :mod:`gradkernels.dropout` and
+            :func:`gradkernels.dropout_mask`. Same distribution as torch's dropout, not its bitwise mask.
+        return_lse: also return the natural-log log-sum-exp of each row's scores (after softcap and
+            ALiBi, before dropout), so partial results over key chunks can be merged exactly. It is
+            not differentiable (no gradient flows back through it).
+
+    Rows that see no key (causal with Lq > Lk, or a window) give output 0, LSE ``-inf`` and zero
+    gradients.
 
     Returns:
         ``out`` (B, Hq, Lq, Dv) in the input dtype (the autocast dtype under ``torch.autocast``), and
@@ -67,18 +87,72 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
 
     Raises:
         TypeError: a non-tensor, an integer tensor, mixed dtypes (outside autocast), a non-bool
-            ``causal`` or a non-numeric ``scale``.
+            ``causal``, a non-numeric ``scale``, ``softcap`` or ``dropout_p``, a ``window_size`` that is not
+            a pair of ints, ``alibi_slopes`` not a float32 tensor.
         ValueError: not 4-D, mismatched batch, heads, lengths or head dims, Hq not a multiple of Hkv,
-            a head dim over 256, tensors on different devices, a non-finite ``scale``.
+            a head dim over 256, tensors on different devices, a non-finite ``scale``, a window side below
+            -1, a negative or non-finite ``softcap``, ``alibi_slopes`` of another shape or device,
+            ``dropout_p`` outside [0, 1).
     """
     attention_ops.check_attention_args(q, k, v, scale, same_dtype=False)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    left, right, softcap, alibi_slopes, dropout_p = attention_features.check_features(
+        causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+        batch=q.shape[0], heads=q.shape[1], device=q.device)
     q, k, v = autocast_inputs(q.device.type, q, k, v)
     attention_ops.check_attention_args(q, k, v, scale)
     scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)
-    offset = k.shape[2] - q.shape[2] if causal else None
-    out, lse = autograd.attention(q, k, v, offset, scale)
+    diag = k.shape[2] - q.shape[2]
+    if left == -1 and right in (-1, 0) and softcap == 0.0 and alibi_slopes is None and dropout_p == 0.0:
+        # The plain route, unchanged: nothing but (bottom-right) causal masking.
+        out, lse = autograd.attention(q, k, v, diag if right == 0 else None, scale)
+    else:
+        rng_state = dropout_rng.new_rng_state(q.device) if dropout_p > 0 else None
+        spec = autograd.FeatureSpec(diag, scale, left, right, softcap, dropout_p)
+        out, lse = autograd.attention_features(q, k, v, alibi_slopes, rng_state, None, None, spec)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
+                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0, return_lse=False):
+    """Attention over a batch of variable-length sequences packed back to back, without padding.
+
+    Sequence ``s`` holds queries ``q[cu_seqlens_q[s]:cu_seqlens_q[s + 1]]`` and keys/values
+    ``k, v[cu_seqlens_k[s]:cu_seqlens_k[s + 1]]`` and attends only within itself; every other argument
+    means what it means for :func:`attention`, per sequence (positions, the bottom-right diagonal
+    ``j = i + Lk_s - Lq_s``, causal, the window, ALiBi). Sequences of length 0 are allowed (no queries:
+    nothing; no keys: output 0, LSE ``-inf``). GQA as in :func:`attention`. Gradients for q, k and v.
+
+    Args:
+        q: (total_q, Hq, D). k: (total_k, Hkv, D). v: (total_k, Hkv, Dv). Any strides, one dtype.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) prefix sums of the sequence lengths: start at 0,
+            non-decreasing, end at total_q / total_k.
+        max_seqlen_q, max_seqlen_k: ints, at least the longest query / key sequence (the kernels size
+            their grid with them).
+        causal, scale, window_size, softcap, dropout_p, return_lse: as :func:`attention`.
+        alibi_slopes: None, or float32 (Hq,) or (batch, Hq).
+
+    Returns:
+        ``out`` (total_q, Hq, Dv) in the input dtype, and with ``return_lse=True`` also ``lse``
+        (Hq, total_q), fp32 (fp64 for fp64 inputs). The dropout mask of sequence ``s`` is the one of
+        batch element ``s`` of a dense call (positions within the sequence).
+
+    Raises:
+        TypeError / ValueError: as :func:`attention`, and ``cu_seqlens_*`` that are not int32, not 1-D of
+            equal length, do not start at 0, decrease, do not end at the total, or hold a sequence longer
+            than ``max_seqlen_*`` (their values are read on the host in eager mode: one small copy; under
+            ``torch.compile`` and CUDA graph capture only dtype, shape and device are checked).
+    """
+    attention_features.check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                         same_dtype=False)
+    left, right, softcap, alibi_slopes, dropout_p = attention_features.check_features(
+        causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+        batch=cu_seqlens_q.shape[0] - 1, heads=q.shape[1], device=q.device, batch_name="batch")
+    q, k, v = autocast_inputs(q.device.type, q, k, v)
+    attention_features.check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)
+    rng_state = dropout_rng.new_rng_state(q.device) if dropout_p > 0 else None
+    spec = autograd.FeatureSpec(None, scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    out, lse = autograd.attention_features(q, k, v, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec)
     return (out, lse) if return_lse else out
 
 
