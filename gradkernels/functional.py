@@ -160,8 +160,8 @@ def _sdpa_handover_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
     """Why a ``scaled_dot_product_attention`` call goes to torch, or None when the kernels cover it."""
     if attn_mask is not None:
         return "attn_mask is given"
-    if not isinstance(dropout_p, numbers.Real) or dropout_p != 0.0:
-        return "dropout_p is not 0"
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        return "dropout_p is not a number in [0, 1)"
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return "an input is not a tensor"
     if any(t.is_nested for t in (query, key, value)):
@@ -198,11 +198,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  scale=None, enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: same signature and semantics.
 
-    Calls without a mask and without dropout run on the Triton kernels: query (..., Hq, L, E),
-    key (..., H, S, E), value (..., H, S, Ev) with the same leading dims, H == Hq (or Hq a multiple
-    of H with ``enable_gqa=True``), E, Ev <= 256. ``is_causal`` is torch's top-left alignment (query i
-    sees keys ``j <= i``). Under ``torch.autocast`` the inputs are cast as torch casts them. Every other
-    call (a mask, dropout, broadcast batch or head dims, a backend without kernels, an input torch
+    Calls without a mask run on the Triton kernels: query (..., Hq, L, E), key (..., H, S, E), value
+    (..., H, S, Ev) with the same leading dims, H == Hq (or Hq a multiple of H with ``enable_gqa=True``),
+    E, Ev <= 256. ``is_causal`` is torch's top-left alignment (query i sees keys ``j <= i``).
+    ``dropout_p > 0`` runs gradkernels' dropout (:func:`attention`'s): the same distribution as torch's,
+    not its bitwise mask. Under ``torch.autocast`` the inputs are cast as torch casts them. Every other
+    call (a mask, broadcast batch or head dims, a backend without kernels, an input torch
     rejects) runs ``torch.nn.functional.scaled_dot_product_attention`` itself, so results and errors
     are torch's; the ``gradkernels`` logger says so at debug level (in eager mode; under
     ``torch.compile`` the hand-over is decided while tracing, silently, without a graph break).
@@ -229,7 +230,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         (lambda t: t.unsqueeze(0)) if q.dim() == 3 else (lambda t: t[None, None]))
     q4, k4, v4 = to4(q), to4(k), to4(v)
     scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)
-    out, _ = autograd.attention(q4, k4, v4, 0 if is_causal else None, scale)
+    if dropout_p == 0.0:
+        out, _ = autograd.attention(q4, k4, v4, 0 if is_causal else None, scale)
+    else:  # top-left causal: the diagonal j = i, window (-1, 0)
+        spec = autograd.FeatureSpec(0, scale, -1, 0 if is_causal else -1, 0.0, float(dropout_p))
+        rng_state = dropout_rng.new_rng_state(q.device)
+        out, _ = autograd.attention_features(q4, k4, v4, None, rng_state, None, None, spec)
     if q.dim() >= 4:
         return out.reshape(*lead, *out.shape[1:])
     return out[0] if q.dim() == 3 else out[0, 0]

@@ -27,7 +27,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .attention import check_attention_args
+from .attention import MAX_HEAD_DIM
+from .common import FLOAT_DTYPES
 
 __all__ = [
     "Features", "PLAIN", "features_supported_by_kernels", "check_window", "check_softcap", "check_dropout_p",
@@ -193,14 +194,34 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     ``torch.compile`` and CUDA graph capture only their dtype, shape and device are checked.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if isinstance(t, torch.Tensor) and t.dim() != 3:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+        if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim) for attention_varlen, got "
                              f"shape {tuple(t.shape)}")
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        bad = next(n for n, t in (("q", q), ("k", k), ("v", v)) if not isinstance(t, torch.Tensor))
-        raise TypeError(f"{bad} must be a torch.Tensor")
-    # The dense checks on (1, H, total, D) views: heads, head dims, dtypes, devices, scale.
-    check_attention_args(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), scale, same_dtype=same_dtype)
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v must have k's tokens and heads {tuple(k.shape[:2])}, got v of shape {tuple(v.shape)}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k must have the head dim of q (D = {q.shape[2]}), got k of shape {tuple(k.shape)}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q's head count ({hq}) must be a multiple of k's and v's ({hkv}) (grouped-query attention)")
+    for name, dim in (("q", q.shape[2]), ("v", v.shape[2])):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}'s head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all must be on one device")
+        if same_dtype and t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all must have one dtype")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale}")
     totals = {"cu_seqlens_q": q.shape[0], "cu_seqlens_k": k.shape[0]}
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):

@@ -371,6 +371,8 @@ def varlen_apply(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, grad_out=None, *, alib
     sequence; ``dropout_masks``: a list of per-sequence keep-masks (Hq, Lq_s, Lk_s)."""
     parts = []
     for s, (q0, q1, k0, k1) in enumerate(varlen_sequences(cu_seqlens_q, cu_seqlens_k)):
+        if q1 == q0 or k1 == k0:  # nothing to compute: output 0, LSE -inf, gradients 0 (the defaults)
+            continue
         sl = alibi_slopes[s] if (alibi_slopes is not None and alibi_slopes.dim() == 2) else alibi_slopes
         extra = {} if dropout_masks is None else {"dropout_mask": dropout_masks[s][None]}
         if alibi_slopes is not None:
