@@ -350,6 +350,7 @@ def _features_fwd(q, k, v, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, 
     f = (spec.scale, spec.window_left, spec.window_right, spec.softcap, alibi_slopes, spec.dropout_p, rng_state)
     if cu_seqlens_q is None:
         return custom_ops.attention_features_fwd(q, k, v, spec.diag, *f)
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     return custom_ops.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, spec.max_seqlen_q, spec.max_seqlen_k,
                                            *f)
 
@@ -358,6 +359,7 @@ def _features_bwd(grad_out, q, k, v, out, stats, alibi_slopes, rng_state, cu_seq
     f = (spec.scale, spec.window_left, spec.window_right, spec.softcap, alibi_slopes, spec.dropout_p, rng_state)
     if cu_seqlens_q is None:
         return custom_ops.attention_features_bwd(grad_out, q, k, v, out, *stats, spec.diag, *f, *needs)
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     return custom_ops.attention_varlen_bwd(grad_out, q, k, v, out, *stats, cu_seqlens_q, cu_seqlens_k,
                                            spec.max_seqlen_q, spec.max_seqlen_k, *f, *needs)
 
@@ -444,7 +446,7 @@ class AttentionFeaturesBackwardFunction(torch.autograd.Function):
         def composed(q, k, v):
             if cu_q is None:
                 return reference.attention_features(q, k, v, spec.diag, spec.scale, features)[0]
-            return reference.attention_varlen(q, k, v, cu_q, cu_k, spec.scale, features)[0]
+            return reference.attention_varlen(q, k, v, cu_q, cu_q if cu_k is None else cu_k, spec.scale, features)[0]
 
         def first_order(grad_out, q, k, v):
             _, vjp = torch.func.vjp(composed, q, k, v)
@@ -461,6 +463,8 @@ def attention_features(q, k, v, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlen
     """``(out, lse)`` of a features call through :class:`AttentionFeaturesFunction` (arguments already
     validated): dense with ``cu_seqlens_q`` None, else varlen. See :class:`FeatureSpec`."""
     _reject_forward_ad("attention", "gradkernels.reference.attention_features (or torch's SDPA)", q, k, v)
+    if cu_seqlens_k is cu_seqlens_q:  # self-attention offsets: one tensor (Dynamo refuses an input given twice)
+        cu_seqlens_k = None
     out, lse, *_ = _apply(AttentionFeaturesFunction, _AttentionFeaturesEager, _autograd_needed(q, k, v), q, k, v,
                           alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec)
     return out, lse
