@@ -135,12 +135,12 @@ def check_softcap(softcap) -> float:
     return softcap
 
 
-def check_dropout_p(dropout_p) -> float:
+def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
     return dropout_p
 
 
