@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import numbers
 
@@ -41,6 +42,7 @@ def linear(x, weight, bias=None, activation=None):
 
 
 _log = logging.getLogger("gradkernels")
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
@@ -157,9 +159,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def _sdpa_handover_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """Why a ``scaled_dot_product_attention`` call goes to torch, or None when the kernels cover it."""
-    if attn_mask is not None:
-        return "attn_mask is given"
+    """Why a ``scaled_dot_product_attention`` call goes to torch, or None when the kernels cover it (a mask
+    is examined afterwards, by :func:`_padding_plan`)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         return "dropout_p is not a number in [0, 1)"
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
@@ -194,19 +195,122 @@ def _sdpa_handover_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
     return None
 
 
+# How the SDPA drop-in ran its calls (eager mode only): "kernels", "key padding -> varlen" or
+# "torch: <reason>". Read through gradkernels.patching.attention_paths().
+sdpa_paths: collections.Counter = collections.Counter()
+
+
+def _record(path, log=True):
+    if not torch.compiler.is_compiling():  # Dynamo cannot trace a logger call (a graph break)
+        sdpa_paths[path] += 1
+        if log:  # the plain kernel path is counted, not logged
+            _log.debug("scaled_dot_product_attention: %s", path)
+
+
+def _padding_plan(query, key, attn_mask, is_causal):
+    """``(plan, reason)`` for a call with ``attn_mask``: ``plan = (kind, keep)`` when the mask is a boolean
+    key-padding mask (``kind = "keys"``: every query row sees the same keys), or a bottom-right causal
+    mask and key padding where each sequence's real keys are a suffix (``"causal_left"``: left padding)
+    or a prefix (``"causal_right"``: right padding); ``keep`` (B, Lk) marks the real keys. Else
+    ``(None, reason)``: the call goes to torch. Reads the mask's values (one device synchronisation), so
+    under ``torch.compile`` masks always go to torch."""
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
+        return None, "attn_mask is not a boolean tensor"
+    if is_causal:
+        return None, "attn_mask together with is_causal"
+    if torch.compiler.is_compiling():
+        return None, "attn_mask under torch.compile (examining it needs its values)"
+    if query.dim() != 4 or not 2 <= attn_mask.dim() <= 4:
+        return None, "attn_mask with inputs that are not 4-D"
+    b, hq, lq, _ = query.shape
+    lk = key.shape[2]
+    try:
+        mask = attn_mask.expand(b, hq, lq, lk)
+    except RuntimeError:
+        return None, "attn_mask does not broadcast to (B, H, L, S)"
+    if mask.device != query.device:
+        return None, "attn_mask on another device"
+    if hq > 1 and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 and not torch.equal(mask, mask[:, :1].expand_as(mask)):
+        return None, "attn_mask differs between heads"
+    mask = mask[:, 0]  # (B, Lq, Lk)
+    keep = mask[:, -1, :]  # the last query row sees every real key under either pattern
+    if lq == 0 or lk == 0:
+        return None, "an empty input"
+    if torch.equal(mask, keep[:, None, :].expand_as(mask)):
+        return ("keys", keep), None
+    causal = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril(lk - lq)
+    if not torch.equal(mask, causal & keep[:, None, :]):
+        return None, "attn_mask is not a key-padding mask (or causal plus key padding)"
+    if _TORCH_VERSION < (2, 5) and not bool(mask.any(-1).all()):  # torch < 2.5 gives NaN rows there
+        return None, "attn_mask leaves a row without keys (torch < 2.5 gives NaN there)"
+    rising = keep[:, 1:] >= keep[:, :-1]  # False -> True only: real keys are a suffix
+    if bool(rising.all()):
+        return ("causal_left", keep), None
+    if bool((keep[:, 1:] <= keep[:, :-1]).all()):
+        return ("causal_right", keep), None
+    return None, "causal mask with key padding in the middle of a sequence"
+
+
+def _varlen_over_real_keys(q, k, v, plan, scale, dropout_p):
+    """Attention with a key-padding plan (:func:`_padding_plan`) as varlen calls over the real keys only;
+    q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev); returns (B, Hq, Lq, Ev) with torch's SDPA
+    semantics (padded query rows included: they attend to the keys the mask gives them)."""
+    kind, keep = plan
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    n = keep.sum(-1, dtype=torch.int32)
+    idx_k = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    k_packed, v_packed = (t.transpose(1, 2).reshape(b * lk, *t.shape[1:2], t.shape[3])[idx_k] for t in (k, v))
+    cu_k = torch.nn.functional.pad(torch.cumsum(n, 0, dtype=torch.int32), (1, 0))
+    counts = n.tolist()
+    max_k = max(counts)
+    rows = q.transpose(1, 2)  # (B, Lq, Hq, E)
+    kw = dict(scale=scale, dropout_p=dropout_p)
+    if kind != "causal_right":
+        cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * lq
+        out = attention_varlen(rows.reshape(b * lq, hq, q.shape[3]), k_packed, v_packed, cu_q, cu_k, lq, max_k,
+                               causal=kind == "causal_left", **kw)
+        return out.view(b, lq, hq, -1).transpose(1, 2)
+    # Right padding under a bottom-right causal mask (offset c = Lk - Lq): row i sees j <= min(i + c, n - 1),
+    # so rows i < n - c are causal over the n real keys and the rest see all of them.
+    c = lk - lq
+    causal_rows = [min(max(m - c, 0), lq) for m in counts]
+    first = torch.tensor(causal_rows, device=q.device)
+    is_causal_row = torch.arange(lq, device=q.device)[None, :] < first[:, None]  # (B, Lq)
+    out = q.new_zeros((b * lq, hq, v.shape[3]))
+    flat = rows.reshape(b * lq, hq, q.shape[3])
+    for causal, select, lengths in ((True, is_causal_row, causal_rows),
+                                    (False, ~is_causal_row, [lq - r for r in causal_rows])):
+        if not any(lengths):
+            continue
+        idx = torch.nonzero(select.flatten(), as_tuple=False).flatten()
+        cu_q = torch.nn.functional.pad(torch.tensor(lengths, device=q.device).cumsum(0, dtype=torch.int32), (1, 0))
+        part = attention_varlen(flat[idx], k_packed, v_packed, cu_q, cu_k, max(lengths), max_k, causal=causal, **kw)
+        out = out.index_put((idx,), part)
+    return out.view(b, lq, hq, -1).transpose(1, 2)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  scale=None, enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: same signature and semantics.
 
-    Calls without a mask run on the Triton kernels: query (..., Hq, L, E), key (..., H, S, E), value
-    (..., H, S, Ev) with the same leading dims, H == Hq (or Hq a multiple of H with ``enable_gqa=True``),
-    E, Ev <= 256. ``is_causal`` is torch's top-left alignment (query i sees keys ``j <= i``).
-    ``dropout_p > 0`` runs gradkernels' dropout (:func:`attention`'s): the same distribution as torch's,
-    not its bitwise mask. Under ``torch.autocast`` the inputs are cast as torch casts them. Every other
-    call (a mask, broadcast batch or head dims, a backend without kernels, an input torch
-    rejects) runs ``torch.nn.functional.scaled_dot_product_attention`` itself, so results and errors
-    are torch's; the ``gradkernels`` logger says so at debug level (in eager mode; under
-    ``torch.compile`` the hand-over is decided while tracing, silently, without a graph break).
+    Runs on the Triton kernels: query (..., Hq, L, E), key (..., H, S, E), value (..., H, S, Ev) with the
+    same leading dims, H == Hq (or Hq a multiple of H with ``enable_gqa=True``), E, Ev <= 256.
+    ``is_causal`` is torch's top-left alignment (query i sees keys ``j <= i``). ``dropout_p > 0`` runs
+    gradkernels' dropout (:func:`attention`'s): the same distribution as torch's, not its bitwise mask.
+
+    ``attn_mask``: in eager mode, a boolean mask that is a pure key-padding mask (every query row sees
+    the same keys) or a causal mask plus key padding (left or right padding, the masks Hugging Face
+    models build for padded batches), with 4-D inputs, runs on the kernels as a packed varlen batch over
+    the real keys (:func:`attention_varlen`), with torch's semantics for every row (padded query rows
+    included). Examining the mask costs one device synchronisation.
+
+    Under ``torch.autocast`` the inputs are cast as torch casts them. Every other call (another mask, a
+    mask under ``torch.compile``, broadcast batch or head dims, a backend without kernels, an input torch
+    rejects) runs ``torch.nn.functional.scaled_dot_product_attention`` itself, so results and errors are
+    torch's. The ``gradkernels`` logger says at debug level when a call went to torch (and why) or ran
+    as varlen, and :data:`sdpa_paths` counts every call by path (eager mode; under ``torch.compile`` the decision is made while
+    tracing, silently, without a graph break).
 
     Args:
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa: as torch's.
@@ -215,9 +319,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         (..., Hq, L, Ev) tensor, as torch's.
     """
     reason = _sdpa_handover_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    plan = None
+    if reason is None and attn_mask is not None:
+        plan, reason = _padding_plan(query, key, attn_mask, is_causal)
     if reason is not None:
-        if not torch.compiler.is_compiling():  # Dynamo cannot trace a logger call (a graph break)
-            _log.debug("scaled_dot_product_attention: %s; running torch's implementation", reason)
+        _record(f"torch: {reason}")
         kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         if enable_gqa:  # torch < 2.5 has no enable_gqa argument: pass it only when set
             kwargs["enable_gqa"] = True
@@ -225,11 +331,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         # sends this nested call to torch's own function.
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kwargs)
     q, k, v = autocast_inputs(query.device.type, query, key, value)
+    scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)
+    if plan is not None:
+        _record("key padding -> varlen")
+        return _varlen_over_real_keys(q, k, v, plan, scale, float(dropout_p))
+    _record("kernels", log=False)
     lead = q.shape[:-3] if q.dim() > 3 else ()
     to4 = (lambda t: t.reshape(-1, *t.shape[-3:])) if q.dim() >= 4 else (
         (lambda t: t.unsqueeze(0)) if q.dim() == 3 else (lambda t: t[None, None]))
     q4, k4, v4 = to4(q), to4(k), to4(v)
-    scale = attention_ops.default_scale(q.shape[-1]) if scale is None else float(scale)
     if dropout_p == 0.0:
         out, _ = autograd.attention(q4, k4, v4, 0 if is_causal else None, scale)
     else:  # top-left causal: the diagonal j = i, window (-1, 0)
