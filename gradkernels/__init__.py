@@ -5,9 +5,10 @@ See README.md for the API, what runs where, and the limits.
 
 import logging
 
-from . import nn, reference
+from . import dropout, nn, reference
 from ._device import backend_for
-from .functional import attention, linear, scaled_dot_product_attention
+from .dropout import dropout_mask, dropout_mask_varlen
+from .functional import attention, attention_varlen, linear, scaled_dot_product_attention
 from .patching import PatchSummary, patch, unpatch, use_kernels
 
 __version__ = "0.1.0"
@@ -17,7 +18,11 @@ logger = logging.getLogger("gradkernels")
 __all__ = [
     "PatchSummary",
     "attention",
+    "attention_varlen",
     "backend_for",
+    "dropout",
+    "dropout_mask",
+    "dropout_mask_varlen",
     "linear",
     "logger",
     "nn",

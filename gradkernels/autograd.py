@@ -53,13 +53,15 @@ Rules that hold on every backend:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import custom_ops, reference
 
-__all__ = ["LinearFunction", "AttentionFunction", "AttentionBackwardFunction", "linear", "attention"]
+__all__ = ["LinearFunction", "AttentionFunction", "AttentionBackwardFunction", "AttentionFeaturesFunction",
+           "AttentionFeaturesBackwardFunction", "FeatureSpec", "linear", "attention", "attention_features"]
 
 
 def _flatten(t):
@@ -318,4 +320,151 @@ def attention(q, k, v, causal_offset, scale):
     _reject_forward_ad("attention", "gradkernels.reference.standard_attention (or torch's SDPA)", q, k, v)
     out, lse, *_ = _apply(AttentionFunction, _AttentionEager, _autograd_needed(q, k, v), q, k, v, causal_offset,
                           float(scale))
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention with features (window, softcap, ALiBi, dropout) and varlen
+# ----------------------------------------------------------------------------------------------------
+
+
+class FeatureSpec(NamedTuple):
+    """The Python scalars of a features call (one argument of the Functions, not ten).
+
+    ``diag``: the dense call's diagonal (``Lk - Lq`` bottom-right, 0 top-left); None for varlen, whose
+    diagonal is each sequence's bottom-right one. ``max_seqlen_q/k``: varlen only (None for dense).
+    Window ``(-1, -1)`` is unbounded, ``right = 0`` causal; ``softcap`` and ``dropout_p`` 0 are off.
+    """
+
+    diag: Optional[int]
+    scale: float
+    window_left: int
+    window_right: int
+    softcap: float
+    dropout_p: float
+    max_seqlen_q: Optional[int] = None
+    max_seqlen_k: Optional[int] = None
+
+
+def _features_fwd(q, k, v, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec):
+    f = (spec.scale, spec.window_left, spec.window_right, spec.softcap, alibi_slopes, spec.dropout_p, rng_state)
+    if cu_seqlens_q is None:
+        return custom_ops.attention_features_fwd(q, k, v, spec.diag, *f)
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    return custom_ops.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, spec.max_seqlen_q, spec.max_seqlen_k,
+                                           *f)
+
+
+def _features_bwd(grad_out, q, k, v, out, stats, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec, needs):
+    f = (spec.scale, spec.window_left, spec.window_right, spec.softcap, alibi_slopes, spec.dropout_p, rng_state)
+    if cu_seqlens_q is None:
+        return custom_ops.attention_features_bwd(grad_out, q, k, v, out, *stats, spec.diag, *f, *needs)
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    return custom_ops.attention_varlen_bwd(grad_out, q, k, v, out, *stats, cu_seqlens_q, cu_seqlens_k,
+                                           spec.max_seqlen_q, spec.max_seqlen_k, *f, *needs)
+
+
+def _features_of(spec, alibi_slopes, rng_state):
+    from .ops.attention_features import Features
+
+    return Features(spec.window_left, spec.window_right, spec.softcap, alibi_slopes, spec.dropout_p,
+                    rng_state if spec.dropout_p > 0 else None)
+
+
+class AttentionFeaturesFunction(torch.autograd.Function):
+    """Attention with features, dense (``cu_seqlens_q`` None) or varlen, through
+    ``gradkernels::attention_features_fwd`` / ``attention_varlen_fwd``; returns ``(out, lse, lse_lo)``.
+
+    The same rules as :class:`AttentionFunction`: saves q, k, v, out and the per-row statistics (plus the
+    ALiBi slopes, the dropout ``rng_state`` and the sequence offsets, which are inputs): never a mask or
+    an Lq x Lk tensor; the backward regenerates the dropout mask from ``rng_state``. Gradients flow to
+    q, k and v only (not to the slopes).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec):
+        return _features_fwd(q, k, v, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec = inputs
+        out, *stats = output
+        ctx.save_for_backward(q, k, v, out, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, *stats)
+        ctx.spec = spec
+        ctx.mark_non_differentiable(*stats)
+        _undefined_grads_as_none(ctx)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_grad_stats):
+        q, k, v, out, alibi_slopes, rng_state, cu_q, cu_k, *stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if grad_out is None or not any(needs):
+            return (None,) * 8
+        if torch.is_grad_enabled():
+            grads = AttentionFeaturesBackwardFunction.apply(grad_out, q, k, v, out.detach(), alibi_slopes, rng_state,
+                                                            cu_q, cu_k, ctx.spec, *needs, *stats)
+        else:
+            grads = _features_bwd(grad_out, q, k, v, out, stats, alibi_slopes, rng_state, cu_q, cu_k, ctx.spec, needs)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None)
+
+
+class AttentionFeaturesBackwardFunction(torch.autograd.Function):
+    """The kernels' (or twins') ``(dq, dk, dv)`` of a features call as a differentiable function of
+    ``(grad_out, q, k, v)``; its backward (the double backward) recomputes attention with composed torch
+    ops (:func:`gradkernels.reference.attention_features` / ``attention_varlen``, the same dropout mask
+    regenerated) and differentiates that twice, holding the Lq x Lk scores in that pass, as the plain
+    :class:`AttentionBackwardFunction` does."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, q, k, v, out, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec, need_dq, need_dk,
+                need_dv, *stats):
+        return _features_bwd(grad_out, q, k, v, out, stats, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k,
+                             spec, (need_dq, need_dk, need_dv))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, q, k, v, _, alibi_slopes, rng_state, cu_q, cu_k, spec, *rest = inputs
+        ctx.save_for_backward(grad_out, q, k, v, alibi_slopes, rng_state, cu_q, cu_k)
+        ctx.spec, ctx.needs, ctx.n_stats = spec, rest[:3], len(rest) - 3
+        ctx.mark_non_differentiable(*(g for g, need in zip(output, ctx.needs) if not need))
+        _undefined_grads_as_none(ctx)
+
+    @staticmethod
+    def backward(ctx, grad_dq, grad_dk, grad_dv):
+        grad_out, q, k, v, alibi_slopes, rng_state, cu_q, cu_k = ctx.saved_tensors
+        spec = ctx.spec
+        features = _features_of(spec, alibi_slopes, rng_state)
+        cotangents = tuple(
+            g if (g is not None and need) else torch.zeros_like(t)
+            for g, t, need in zip((grad_dq, grad_dk, grad_dv), (q, k, v), ctx.needs)
+        )
+
+        def composed(q, k, v):
+            if cu_q is None:
+                return reference.attention_features(q, k, v, spec.diag, spec.scale, features)[0]
+            return reference.attention_varlen(q, k, v, cu_q, cu_q if cu_k is None else cu_k, spec.scale, features)[0]
+
+        def first_order(grad_out, q, k, v):
+            _, vjp = torch.func.vjp(composed, q, k, v)
+            return vjp(grad_out)
+
+        _, vjp = torch.func.vjp(first_order, grad_out, q, k, v)
+        return (*vjp(cotangents),) + (None,) * (9 + ctx.n_stats)
+
+
+_AttentionFeaturesEager = _plain_autograd_twin(AttentionFeaturesFunction)
+
+
+def attention_features(q, k, v, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec):
+    """``(out, lse)`` of a features call through :class:`AttentionFeaturesFunction` (arguments already
+    validated): dense with ``cu_seqlens_q`` None, else varlen. See :class:`FeatureSpec`."""
+    _reject_forward_ad("attention", "gradkernels.reference.attention_features (or torch's SDPA)", q, k, v)
+    if cu_seqlens_k is cu_seqlens_q:  # self-attention offsets: one tensor (Dynamo refuses an input given twice)
+        cu_seqlens_k = None
+    out, lse, *_ = _apply(AttentionFeaturesFunction, _AttentionFeaturesEager, _autograd_needed(q, k, v), q, k, v,
+                          alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, spec)
     return out, lse

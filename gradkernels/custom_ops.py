@@ -14,6 +14,17 @@ Ops (namespace ``gradkernels``):
 - ``attention_fwd(q, k, v, causal_offset, scale) -> (out, lse, lse_lo)``
 - ``attention_bwd(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, need_dq, need_dk, need_dv)
   -> (dq, dk, dv)``
+- ``attention_features_fwd(q, k, v, diag, scale, window_left, window_right, softcap, alibi_slopes, dropout_p,
+  rng_state) -> (out, lse, lse_lo)`` and ``attention_features_bwd(grad_out, q, k, v, out, lse, lse_lo,
+  <the same feature arguments>, need_dq, need_dk, need_dv) -> (dq, dk, dv)``: dense attention with a
+  window, softcap, ALiBi or dropout (:mod:`gradkernels.ops.attention_features`).
+- ``attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, <features>)
+  -> (out, lse, lse_lo)`` and ``attention_varlen_bwd``: packed variable-length batches.
+
+The plain ops never see a feature: a call without one keeps its route unchanged. The feature ops ask
+:func:`gradkernels.ops.attention_features.features_supported_by_kernels` (the routing hook) whether the
+launchers run the call; until the kernels have the features, the torch twins run inside the same ops on
+every backend.
 
 Each op runs the launcher of :mod:`gradkernels.ops` on the ``"triton"`` and ``"interpreter"`` backends,
 and the same-contract torch function of :mod:`gradkernels.reference` on the ``"torch"`` backend
@@ -38,9 +49,11 @@ from torch import Tensor
 from . import reference
 from ._device import backend_for
 from .ops import attention as attention_ops
+from .ops import attention_features
 from .ops import linear as linear_ops
 
-__all__ = ["linear_fwd", "linear_bwd", "attention_fwd", "attention_bwd"]
+__all__ = ["linear_fwd", "linear_bwd", "attention_fwd", "attention_bwd", "attention_features_fwd",
+           "attention_features_bwd", "attention_varlen_fwd", "attention_varlen_bwd"]
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -161,6 +174,105 @@ def _(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, need_dq, need_d
 
 
 # ----------------------------------------------------------------------------------------------------
+# Attention with features (window, softcap, ALiBi, dropout) and varlen
+# ----------------------------------------------------------------------------------------------------
+
+
+def _features_impl(q: Tensor, features, varlen: bool):
+    """The launchers where the kernels run the call (the routing hook says so), else the torch twins."""
+    if backend_for(q) != "torch" and attention_features.features_supported_by_kernels(q, features, varlen=varlen):
+        return attention_ops
+    return reference
+
+
+def _features(window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state):
+    return attention_features.Features(window_left, window_right, softcap, alibi_slopes, dropout_p,
+                                       rng_state if dropout_p > 0 else None)
+
+
+@torch.library.custom_op("gradkernels::attention_features_fwd", mutates_args=())
+def attention_features_fwd(
+    q: Tensor, k: Tensor, v: Tensor, diag: int, scale: float, window_left: int, window_right: int,
+    softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float, rng_state: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense attention with features: ``(out, lse, lse_lo)`` as :func:`attention_fwd` (semantics in
+    :mod:`gradkernels.ops.attention_features`; ``diag`` the diagonal, ``Lk - Lq`` bottom-right)."""
+    f = _features(window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state)
+    return _features_impl(q, f, False).attention_features_forward(q, k, v, diag, scale, f)
+
+
+@attention_features_fwd.register_fake
+def _(q, k, v, diag, scale, window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state):
+    out = attention_ops.empty_out(q, v.shape[-1])
+    lse = q.new_empty(q.shape[:3], dtype=attention_ops.accumulator_dtype(q.dtype))
+    return out, lse, torch.empty_like(lse)
+
+
+@torch.library.custom_op("gradkernels::attention_features_bwd", mutates_args=())
+def attention_features_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lse_lo: Tensor, diag: int,
+    scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
+    dropout_p: float, rng_state: Optional[Tensor], need_dq: bool, need_dk: bool, need_dv: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_features_fwd`; those not asked for are empty tensors."""
+    f = _features(window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state)
+    dq, dk, dv = _features_impl(q, f, False).attention_features_backward(
+        grad_out, q, k, v, out, lse, lse_lo, diag, scale, f, need_dq=need_dq, need_dk=need_dk, need_dv=need_dv)
+    return tuple(_empty(q) if t is None else t for t in (dq, dk, dv))
+
+
+@attention_features_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, lse_lo, diag, scale, window_left, window_right, softcap, alibi_slopes, dropout_p,
+      rng_state, need_dq, need_dk, need_dv):
+    return (torch.empty_like(q) if need_dq else _empty(q), torch.empty_like(k) if need_dk else _empty(q),
+            torch.empty_like(v) if need_dv else _empty(q))
+
+
+@torch.library.custom_op("gradkernels::attention_varlen_fwd", mutates_args=())
+def attention_varlen_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, scale: float, window_left: int, window_right: int, softcap: float,
+    alibi_slopes: Optional[Tensor], dropout_p: float, rng_state: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed variable-length attention: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv),
+    int32 ``cu_seqlens_*`` (batch + 1); ``(out (total_q, Hq, Dv), lse (Hq, total_q), lse_lo)``, each
+    sequence with its bottom-right diagonal."""
+    f = _features(window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state)
+    return _features_impl(q, f, True).attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                               max_seqlen_k, scale, f)
+
+
+@attention_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
+      alibi_slopes, dropout_p, rng_state):
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=attention_ops.accumulator_dtype(q.dtype))
+    return out, lse, torch.empty_like(lse)
+
+
+@torch.library.custom_op("gradkernels::attention_varlen_bwd", mutates_args=())
+def attention_varlen_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lse_lo: Tensor,
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+    window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float,
+    rng_state: Optional[Tensor], need_dq: bool, need_dk: bool, need_dv: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_varlen_fwd`; those not asked for are empty tensors."""
+    f = _features(window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state)
+    dq, dk, dv = _features_impl(q, f, True).attention_varlen_backward(
+        grad_out, q, k, v, out, lse, lse_lo, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, f,
+        need_dq=need_dq, need_dk=need_dk, need_dv=need_dv)
+    return tuple(_empty(q) if t is None else t for t in (dq, dk, dv))
+
+
+@attention_varlen_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, lse_lo, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+      window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state, need_dq, need_dk, need_dv):
+    return (torch.empty_like(q) if need_dq else _empty(q), torch.empty_like(k) if need_dk else _empty(q),
+            torch.empty_like(v) if need_dv else _empty(q))
+
+
+# ----------------------------------------------------------------------------------------------------
 # torch.func.vmap
 # ----------------------------------------------------------------------------------------------------
 
@@ -195,5 +307,6 @@ def _linear_fwd_vmap(info, in_dims, x, weight, bias, activation, store_pre):
 
 if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
     torch.library.register_vmap(linear_fwd, _linear_fwd_vmap)
-    for _op in (linear_bwd, attention_fwd, attention_bwd):
+    for _op in (linear_bwd, attention_fwd, attention_bwd, attention_features_fwd, attention_features_bwd,
+                attention_varlen_fwd, attention_varlen_bwd):
         torch.library.register_vmap(_op, _vmap_by_loop(_op))

@@ -62,14 +62,25 @@ class MultiHeadAttention(torch.nn.Module):
         causal: each position attends to itself and earlier positions only.
         bias: whether the four projections have a bias.
         device, dtype: of the parameters, as for ``torch.nn.Linear``.
+        window_size: ``(left, right)`` sliding window, as :func:`gradkernels.attention` (``(w - 1, 0)``
+            with ``causal=True``: each position sees itself and the ``w - 1`` before it); -1 unbounded.
+        softcap: attention-logit soft-capping (Gemma 2), 0 for off.
+        dropout: attention-weight dropout probability, applied in training mode only (``module.train()``),
+            with gradkernels' Philox mask (:func:`gradkernels.attention`'s ``dropout_p``).
 
     Raises:
-        ValueError: sizes that do not divide as described.
+        ValueError / TypeError: sizes that do not divide as described, a bad window, softcap or dropout.
     """
 
     def __init__(self, embed_dim, num_heads, num_kv_heads=None, causal=False, bias=True, device=None,
-                 dtype=None):
+                 dtype=None, *, window_size=(-1, -1), softcap=0.0, dropout=0.0):
         super().__init__()
+        from .ops import attention_features
+
+        attention_features.check_window(window_size, False)
+        self.window_size = tuple(int(w) for w in window_size)
+        self.softcap = attention_features.check_softcap(softcap)
+        self.dropout = attention_features.check_dropout_p(dropout, "dropout")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, n in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -105,10 +116,14 @@ class MultiHeadAttention(torch.nn.Module):
         q = heads(self.q_proj(x), self.num_heads)
         k = heads(self.k_proj(x), self.num_kv_heads)
         v = heads(self.v_proj(x), self.num_kv_heads)
-        out = F.attention(q, k, v, causal=self.causal)
+        out = F.attention(q, k, v, causal=self.causal, window_size=self.window_size, softcap=self.softcap,
+                          dropout_p=self.dropout if self.training else 0.0)
         # The kernels write out in (B, L, H, hd) memory order when q is laid out so: a free reshape.
         return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
 
     def extra_repr(self):
+        extra = "".join(f", {name}={value!r}" for name, value, off in (
+            ("window_size", self.window_size, (-1, -1)), ("softcap", self.softcap, 0.0),
+            ("dropout", self.dropout, 0.0)) if value != off)
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"causal={self.causal}")
+                f"causal={self.causal}{extra}")

@@ -12,7 +12,9 @@
   ``forward`` was replaced on the instance. Each skip is listed, with its reason, in the summary.
 - ``attention=True``: calls to ``torch.nn.functional.scaled_dot_product_attention`` made while any
   module of the model runs go to :func:`gradkernels.scaled_dot_product_attention` (same signature and
-  semantics; masks and dropout are handed back to torch). This uses forward pre/post hooks on every
+  semantics; dropout and boolean key-padding masks, alone or with a causal mask, run on the kernels,
+  other masks are handed back to torch; :func:`attention_paths` counts which path calls took). This
+  uses forward pre/post hooks on every
   module of the model, not only the root, so that the recomputation of
   ``torch.utils.checkpoint`` (which re-calls a submodule during backward, outside the root's forward)
   routes the same way as the original forward did.
@@ -43,6 +45,7 @@ How the routing works, and its limits:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -55,7 +58,7 @@ import torch.nn.functional as F
 
 from .nn import Linear as GKLinear
 
-__all__ = ["PatchSummary", "patch", "unpatch", "use_kernels", "is_patched"]
+__all__ = ["PatchSummary", "patch", "unpatch", "use_kernels", "is_patched", "attention_paths"]
 
 # Patch state per model, outside the model: invisible to state_dict, pickling and deepcopy.
 _STATE: "weakref.WeakKeyDictionary[torch.nn.Module, _PatchState]" = weakref.WeakKeyDictionary()
@@ -84,7 +87,8 @@ class PatchSummary:
                     f"attention routing {'removed' if self.attention_routed else 'was off'}")
             return "\n".join([head] + [f"  restored {name or '<root>'}" for name in self.linear_replaced])
         lines = [f"gradkernels: {len(self.linear_replaced)} Linear replaced, {len(self.linear_skipped)} skipped, "
-                 f"attention {'routed' if self.attention_routed else 'not routed'}"]
+                 f"attention {'routed' if self.attention_routed else 'not routed'}"
+                 + (" (paths taken: gradkernels.patching.attention_paths())" if self.attention_routed else "")]
         lines += [f"  replaced {name or '<root>'}" for name in self.linear_replaced]
         lines += [f"  skipped  {name or '<root>'}: {why}" for name, why in self.linear_skipped]
         return "\n".join(lines)
@@ -176,6 +180,17 @@ def _uninstall_router():
             # else: someone replaced it after us; theirs stays (and may still call the router, which
             # then passes everything to torch).
             _torch_sdpa = None
+
+
+def attention_paths() -> "collections.Counter[str]":
+    """How the SDPA drop-in ran its calls since the process started (eager mode): counts per path,
+    ``"kernels"`` (the dense kernels), ``"key padding -> varlen"`` (a boolean key-padding mask, alone or
+    with a causal mask, run as a packed batch over the real keys) and ``"torch: <reason>"`` (handed to
+    torch's SDPA, with the reason). Each call is also logged at debug level on the ``gradkernels``
+    logger. Calls compiled by ``torch.compile`` are not counted (the decision is made while tracing)."""
+    from . import functional
+
+    return collections.Counter(functional.sdpa_paths)
 
 
 def routing_active() -> bool:

@@ -46,6 +46,7 @@ def test_cli_quick_on_cpu(tmp_path):
     _kernels_pass_their_checks(rows)
     _saved_bytes_equal_the_model(rows)
     _naive_over_gradkernels_grows_with_length(rows)
+    _features_suite_checks_and_packed_memory(rows)
 
 
 def _outputs_are_complete(proc, out, rows):
@@ -80,12 +81,31 @@ def _kernels_pass_their_checks(rows):
 
 
 def _saved_bytes_equal_the_model(rows):
-    saved = [r for r in rows if r["mode"] == "saved"]
+    saved = [r for r in rows if r["mode"] == "saved" and r["suite"] == "memory"]
     assert len(saved) >= 2 * 3 + 3 * 3 * 2
     for r in saved:
         assert r["status"] == "ok", r
         assert int(r["saved_bytes"]) == int(r["model_saved_bytes"]), r
         assert int(r["saved_param_bytes"]) == int(r["model_param_bytes"]), r
+
+
+def _features_suite_checks_and_packed_memory(rows):
+    """The features suite: gradkernels' varlen and window calls pass the rule; the packed path saves
+    exactly its model and less than the padded one."""
+    kernels = {(r["suite"], r["causal"]): r for r in rows if r["mode"] == "check" and r["provider"].startswith(
+        "gradkernels-")}
+    assert {s for s, _ in kernels} == {"varlen", "window"}
+    for r in kernels.values():
+        assert r["status"] == "ok", r
+    saved = [r for r in rows if r["suite"] == "varlen" and r["mode"] == "saved"]
+    by_case = {}
+    for r in saved:
+        by_case.setdefault(r["tokens"], {})[r["provider"]] = r
+    assert len(by_case) >= 2
+    for providers in by_case.values():
+        packed, padded = providers["gradkernels-varlen"], providers["sdpa-padded"]
+        assert packed["status"] == "ok" and int(packed["saved_bytes"]) == int(packed["model_saved_bytes"])
+        assert int(padded["saved_bytes"]) > int(packed["saved_bytes"])
 
 
 def _naive_over_gradkernels_grows_with_length(rows):
@@ -302,3 +322,16 @@ def test_peak_sweep_records_oom_and_goes_on_for_the_others(monkeypatch):
     assert got[(1024, "quadratic")] == (None, "oom")
     assert got[(2048, "quadratic")] == (None, "skipped: oom at L=1024")
     assert calls == [512, 512, 1024]  # warm-up + measured run at 512, the failed one at 1024, none after
+
+
+def test_window_and_varlen_flops_count_the_visible_pairs():
+    from gradkernels.bench import flops
+
+    for length, window in ((97, 16), (16, 97), (1, 1), (64, 64)):
+        i = torch.arange(length)[:, None]
+        j = torch.arange(length)[None, :]
+        pairs = int(((j <= i) & (j > i - window)).sum())
+        assert flops.window_pairs(length, window) == pairs
+        assert flops.window_attention_flops(2, 3, length, 8, window, "fwd") == 4.0 * 2 * 3 * pairs * 8
+    assert flops.varlen_attention_flops((5, 7), 2, 8, False, "fwd+bwd") == (
+        flops.attention_flops(1, 2, 5, 5, 8, False, "fwd+bwd") + flops.attention_flops(1, 2, 7, 7, 8, False, "fwd+bwd"))

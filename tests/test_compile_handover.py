@@ -100,8 +100,10 @@ def test_compiled_patched_model_with_a_masked_sdpa_has_no_graph_break(attn_launc
 def test_hand_over_is_logged_in_eager_mode(caplog):
     q, k, v = _qkv()
     with caplog.at_level(logging.DEBUG, logger="gradkernels"):
-        gradkernels.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(13, 11, dtype=torch.bool))
-    assert "attn_mask is given" in caplog.text
+        mask = torch.ones(13, 11, dtype=torch.bool, device=DEVICE)
+        mask[3, 4] = False  # not a key-padding mask: torch's
+        gradkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert "attn_mask is not a key-padding mask" in caplog.text
 
 
 def test_compiling_gradkernels_raises_no_dynamo_warning():

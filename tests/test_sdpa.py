@@ -68,10 +68,10 @@ def _sdpa_floors(q, k, v, grad_out, kwargs):
     return {key: f[key].reshape(shape) for key, shape in shapes.items()}
 
 
+# Dropout and boolean key-padding masks run on the kernels (test_dropout.py, test_sdpa_masks.py).
 SDPA_HANDED_OVER = [
-    ({"attn_mask": "bool"}, "attn_mask"),
-    ({"attn_mask": "float"}, "attn_mask"),
-    ({"dropout_p": 0.3}, "dropout_p"),
+    ({"attn_mask": "bool"}, "not a key-padding mask"),
+    ({"attn_mask": "float"}, "attn_mask is not a boolean tensor"),
     ({"kv_heads": 1}, "head counts"),  # broadcast heads without enable_gqa: torch's math path allows it
 ]
 

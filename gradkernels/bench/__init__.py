@@ -1,4 +1,4 @@
-"""Microbenchmarks and memory comparison: ``python -m gradkernels.bench [linear|attention|memory|all]``.
+"""Microbenchmarks and memory comparison: ``python -m gradkernels.bench [linear|attention|memory|features|all]``.
 
 On a CUDA machine: timings of every provider (gradkernels, torch/cuBLAS/SDPA backends, the naive
 reference paths) in forward, backward and forward+backward, peak memory against sequence length, the
@@ -22,7 +22,7 @@ import sys
 
 __all__ = ["main"]
 
-SUITES = ("linear", "attention", "memory", "ring", "all")  # "all" = the first three (ring starts processes)
+SUITES = ("linear", "attention", "memory", "features", "ring", "all")  # "all" = the first four (ring starts processes)
 
 
 def _ints(text: str) -> tuple:
@@ -160,18 +160,19 @@ def _run(args, parser) -> int:
 
 def _wanted_providers(args, parser):
     """The providers ``--providers`` names, with every baseline (None: all); False after a usage error."""
-    from . import attention, linear
+    from . import attention, features, linear
 
+    registries = (linear.REGISTRY, attention.REGISTRY, features.VARLEN, features.WINDOW)
     if not args.providers:
         return None
     wanted = {n.strip() for n in args.providers.split(",") if n.strip()}
-    known = {p.name for r in (linear.REGISTRY, attention.REGISTRY) for p in r.providers}
+    known = {p.name for r in registries for p in r.providers}
     unknown = sorted(wanted - known)
     if unknown:
         parser.print_usage(sys.stderr)
         print(f"gradkernels-bench: error: --providers: unknown {unknown}; known: {sorted(known)}", file=sys.stderr)
         return False
-    return wanted | {r.baseline.name for r in (linear.REGISTRY, attention.REGISTRY)}
+    return wanted | {r.baseline.name for r in registries}
 
 
 class _Plan:
@@ -182,6 +183,7 @@ class _Plan:
         self.device = "cuda" if env.on_gpu else "cpu"
         self.steps, self.notes = [], []
         self.memory = None  # (saved sweep, peak lengths, peak providers) when the memory suite runs
+        self.features_memory = None  # (saved cases, peak cases) when the features suite runs
         self.no_progress = False
 
     def total(self) -> int:
@@ -194,20 +196,24 @@ class _Plan:
             n += len(sweep.attention_lens) * len(memory.SAVED_ATTENTION_PROVIDERS)
             n += 3 * len(sweep.linear_ms) * len(memory.SAVED_LINEAR_PROVIDERS)
             n += len(lens) * len(peak_provs) if self.env.on_gpu else 0
+        if self.features_memory is not None:
+            from . import features
+
+            n += sum(len(c) for c in self.features_memory) * len(features.VARLEN.providers)
         return n
 
 
 def _plan(args, env, wanted) -> _Plan:
     import torch
 
-    from . import attention, linear, memory
+    from . import attention, features, linear, memory
     from .harness import DTYPES, TimingOptions
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if env.on_gpu else torch.float32)
     opts = TimingOptions(args.warmup or (10 if args.quick else 25), args.rep or (40 if args.quick else 100))
     plan = _Plan(env, dtype, args.modes or ("fwd", "bwd", "fwd+bwd"), opts)
     causal = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
-    suites = ("linear", "attention", "memory") if args.suite == "all" else (args.suite,)
+    suites = ("linear", "attention", "memory", "features") if args.suite == "all" else (args.suite,)
     if not env.on_gpu:
         plan.notes.append(
             "No CUDA GPU on this machine: timings need a GPU, and none were taken (under Triton's interpreter a\n"
@@ -235,6 +241,20 @@ def _plan(args, env, wanted) -> _Plan:
                        attention.REGISTRY.select(wanted))
         if not env.on_gpu:
             plan.notes.append("Peak memory (torch.cuda.max_memory_allocated) needs a GPU: not measured here.")
+    if "features" in suites:
+        head_dims = args.head_dims
+        plan.steps.append(("check", "varlen", features.varlen_check_cases(dtype, env.on_gpu, causal),
+                           features.VARLEN.providers))
+        plan.steps.append(("check", "window", features.window_check_cases(dtype, env.on_gpu),
+                           [p for p in features.WINDOW.providers if p.name in ("gradkernels-window",
+                                                                               "sdpa-window-mask")]))
+        if env.on_gpu:
+            plan.steps.append(("time", "varlen", features.varlen_timing_cases(dtype, args.quick, causal, head_dims),
+                               features.VARLEN.select(wanted)))
+            plan.steps.append(("time", "window", features.window_timing_cases(dtype, args.quick, head_dims),
+                               features.WINDOW.select(wanted)))
+        saved = features.saved_cases(dtype, env.on_gpu)
+        plan.features_memory = (saved, saved if env.on_gpu else [])
     return plan
 
 
@@ -246,7 +266,8 @@ def _execute(plan: _Plan) -> list:
     rows = []
     for kind, suite, cases, provs in plan.steps:
         if kind == "check":
-            oracles = ("torch",) if suite == "linear" else ("sdpa-flash", "sdpa-math")
+            oracles = {"linear": ("torch",), "varlen": ("sdpa-padded",), "window": ("sdpa-window-mask",)}.get(
+                suite, ("sdpa-flash", "sdpa-math"))
             rows += run_check(suite, cases, provs, plan.device, progress, oracle_names=oracles)
         else:
             rows += run_timing(suite, cases, provs, plan.modes, plan.device, plan.opts, progress)
@@ -255,6 +276,13 @@ def _execute(plan: _Plan) -> list:
         rows += memory.run_saved(plan.device, plan.dtype, sweep, progress)
         if plan.env.on_gpu:
             rows += memory.run_peak(plan.device, plan.dtype, lens, providers=peak_provs, progress=progress)
+    if plan.features_memory is not None:
+        from . import features
+
+        saved, peak = plan.features_memory
+        rows += features.run_saved(saved, plan.device, progress)
+        if peak:
+            rows += features.run_peak(peak, plan.device, progress)
     progress.close()
     return rows
 
@@ -315,7 +343,7 @@ def _write(args, env, rows, notes) -> int:
     print("wrote " + ", ".join(written))
 
     bad = [r for r in rows if r.status.startswith("failed") and (r.mode == "saved" or r.suite == "ring" or (
-        r.mode == "check" and r.provider == "gradkernels"))]
+        r.mode == "check" and r.provider.startswith("gradkernels")))]
     if bad:
         print(f"{len(bad)} check(s) failed: " + "; ".join(f"{r.suite}/{r.provider} {r.status}" for r in bad),
               file=sys.stderr)

@@ -70,3 +70,22 @@ def tflops(flops: float, ms: float | None) -> float | None:
     if ms is None or ms <= 0:
         return None
     return flops / (ms * 1e-3) / 1e12
+
+
+def window_pairs(length: int, window: int) -> int:
+    """Query-key pairs a causal sliding window of ``window`` keys (each query sees itself and the
+    ``window - 1`` before it) leaves in a length-``length`` sequence: ``sum_i min(i + 1, window)``."""
+    w = min(window, length)
+    return w * (w + 1) // 2 + (length - w) * w
+
+
+def window_attention_flops(b: int, h: int, length: int, d: int, window: int, mode: str = "fwd") -> float:
+    """FLOPs of causal sliding-window attention (self-attention, Lq = Lk = ``length``): the attention
+    formula over the pairs the window leaves (:func:`window_pairs`), not over the full square."""
+    return 4.0 * b * h * window_pairs(length, window) * d * _mode_factor(mode, ATTENTION_BWD_FACTOR)
+
+
+def varlen_attention_flops(lengths, h: int, d: int, causal: bool = False, mode: str = "fwd") -> float:
+    """FLOPs of a packed batch of self-attention sequences: the sum of :func:`attention_flops` per sequence
+    (padding costs nothing because there is none)."""
+    return sum(attention_flops(1, h, n, n, d, causal, mode) for n in lengths)

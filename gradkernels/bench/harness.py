@@ -36,7 +36,7 @@ from .flops import MODES, tflops
 QUANTILES = (0.5, 0.2, 0.8)
 
 # Columns of every result row, in CSV order. Shape fields are blank where they do not apply.
-SHAPE_FIELDS = ("B", "H", "Lq", "Lk", "D", "M", "N", "K", "bias", "activation", "causal", "P")
+SHAPE_FIELDS = ("B", "H", "Lq", "Lk", "D", "M", "N", "K", "bias", "activation", "causal", "P", "window", "tokens")
 RESULT_FIELDS = (
     "ms_p50", "ms_p20", "ms_p80", "tflops", "speedup_vs_baseline",
     "max_err", "err_bound", "grad_err", "grad_err_bound",

@@ -50,10 +50,14 @@ def _shape(row: Row) -> str:
     if "M" in s:
         extra = ("+bias" if s.get("bias") else "") + (f"+{s['activation']}" if s.get("activation") else "")
         return f"{s['M']}x{s['N']}x{s['K']}" + (f" {extra}" if extra else "")
+    if "tokens" in s:  # a packed varlen batch: B sequences, the longest Lq, tokens in all
+        causal = " causal" if s.get("causal") else ""
+        return f"B={s['B']} tokens={s['tokens']} max L={s['Lq']} H={s['H']} D={s['D']}{causal}"
     if "Lq" in s:
         causal = " causal" if s.get("causal") else ""
         ranks = f"P={s['P']} " if s.get("P") else ""
-        return f"{ranks}B={s['B']} H={s['H']} L={s['Lq']} D={s['D']}{causal}"
+        window = f" window={s['window']}" if s.get("window") else ""
+        return f"{ranks}B={s['B']} H={s['H']} L={s['Lq']} D={s['D']}{causal}{window}"
     return ""
 
 
@@ -118,7 +122,10 @@ def check_table(rows: Sequence[Row]) -> str:
 
 def saved_table(rows: Sequence[Row]) -> str:
     """Saved bytes with the analytic model next to them and the ratio against gradkernels."""
-    gk = {(r.case, _shape(r)): r.saved_bytes for r in rows if r.provider == "gradkernels"}
+    gk = {}
+    for r in rows:  # gradkernels' provider of each case ("gradkernels", "gradkernels-varlen", ...)
+        if r.provider.startswith("gradkernels"):
+            gk.setdefault((r.case, _shape(r)), r.saved_bytes)
     headers = ("case", "shape", "provider", "saved acts", "model", "saved params", "model", "acts / gradkernels",
                "status")
     body = []
@@ -131,7 +138,10 @@ def saved_table(rows: Sequence[Row]) -> str:
 
 
 def peak_table(rows: Sequence[Row]) -> str:
-    gk = {_shape(r): r.peak_bytes for r in rows if r.provider == "gradkernels"}
+    gk = {}
+    for r in rows:
+        if r.provider.startswith("gradkernels"):
+            gk.setdefault(_shape(r), r.peak_bytes)
     headers = ("shape", "provider", "peak fwd+bwd", "vs gradkernels", "status")
     body = []
     for r in rows:
@@ -180,12 +190,18 @@ def render(rows: Sequence[Row], env: Env, notes: Sequence[str] = ()) -> str:
          [r for r in rows if r.suite == "linear" and r.mode != "check"], timing_table),
         ("Attention timings",
          [r for r in rows if r.suite == "attention" and r.mode != "check"], timing_table),
+        ("Varlen (packed) batches of mixed lengths: timings (TFLOP/s count the real tokens' pairs only)",
+         [r for r in rows if r.suite == "varlen" and r.mode not in ("check", "saved")], timing_table),
+        ("Sliding window vs full causal: timings (TFLOP/s count the window's pairs for every provider)",
+         [r for r in rows if r.suite == "window" and r.mode != "check"], timing_table),
         ("Bytes saved for backward (measured with saved_tensors_hooks; model = analytic)",
          [r for r in rows if r.mode == "saved" and r.suite != "ring"], saved_table),
         ("Ring attention per rank and call: bytes sent (counted at batch_isend_irecv) and saved for backward",
          [r for r in rows if r.suite == "ring"], ring_table),
         ("Peak memory of forward+backward beyond the inputs (torch.cuda.max_memory_allocated)",
          [r for r in rows if r.suite == "memory" and r.case == "peak"], peak_table),
+        ("Packed vs padded: peak memory of forward+backward beyond the inputs (torch.cuda.max_memory_allocated)",
+         [r for r in rows if r.suite == "varlen" and r.case == "peak"], peak_table),
     ]
     for title, group, fn in groups:
         if group:

@@ -33,14 +33,18 @@ import torch
 
 from . import bounds, oracle
 from .bounds import (
-    Precision, attention_bounds, gamma, kernel_precision, linear_bounds, reference_precision, unit_roundoff,
+    Precision, attention_bounds, attention_bounds_varlen, gamma, kernel_precision, linear_bounds,
+    reference_precision, unit_roundoff,
 )
-from .oracle import attention_reference, linear_reference
+from .oracle import (
+    attention_reference, attention_reference_varlen, linear_reference, torch_attention, torch_attention_varlen,
+)
 
 __all__ = [
     "FACTOR_OUTPUT", "FACTOR_GRAD", "Check", "compare", "assert_close", "max_err", "magnitude_floor",
     "record_margin", "MARGIN_LOG_ENV",
-    "linear_reference", "attention_reference", "linear_bounds", "attention_bounds",
+    "linear_reference", "attention_reference", "attention_reference_varlen", "linear_bounds", "attention_bounds",
+    "attention_bounds_varlen", "torch_attention", "torch_attention_varlen",
     "Precision", "gamma", "unit_roundoff", "kernel_precision", "reference_precision", "bounds", "oracle",
 ]
 

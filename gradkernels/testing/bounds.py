@@ -54,7 +54,7 @@ from . import oracle
 
 __all__ = [
     "Precision", "unit_roundoff", "gamma", "kernel_precision", "reference_precision",
-    "ACTIVATION_BOUNDS", "linear_bounds", "attention_bounds",
+    "ACTIVATION_BOUNDS", "linear_bounds", "attention_bounds", "attention_bounds_varlen",
 ]
 
 
@@ -324,24 +324,51 @@ def linear_bounds(x, weight, bias=None, activation=None, grad_out=None, *, pre=N
 # ----------------------------------------------------------------------------------------------------
 
 
-def _attention_errors(pr: Precision, q, k, v, do, scale: float, visible, group: int) -> dict:
-    """Bounds of one computation (``pr``) of attention; q (B, H, Lq, D), k and v expanded to H heads."""
+def _attention_errors(pr: Precision, q, k, v, do, scale: float, visible, group: int, softcap: float = 0.0,
+                      bias=None, z=None) -> dict:
+    """Bounds of one computation (``pr``) of attention; q (B, H, Lq, D), k and v expanded to H heads.
+
+    Features: ``softcap`` > 0 (scores ``c tanh(s / c)``), ``bias`` (the ALiBi term subtracted from the
+    scores, broadcastable to the scores), ``z`` (dropout: the keep-mask over ``1 - p``, multiplying P).
+    """
     lq, lk = q.shape[-2], k.shape[-2]
     ue, us = pr.pointwise, pr.stored
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
     kt, vt = k.transpose(-2, -1), v.transpose(-2, -1)
 
-    s = torch.where(visible, scale * (q @ kt), -math.inf)
+    raw = scale * (q @ kt)
+    t = None
+    if softcap > 0:
+        t = torch.tanh(raw / softcap)
+        s = softcap * t
+    else:
+        s = raw
+    if bias is not None:
+        s = s - bias
+    s = torch.where(visible, s, -math.inf)
     lse = torch.logsumexp(s, -1, keepdim=True)
     seen = torch.isfinite(lse)
     lse_f = torch.where(seen, lse, zero)
     m_f = torch.where(seen, s.amax(-1, keepdim=True), zero)
     p = torch.where(visible & seen, torch.exp(s - lse_f), zero)
     s_f = torch.where(visible, s, zero)
-    out = p @ v
+    pz = p if z is None else p * z
+    out = pz @ v
 
-    # Scores: the product, and the roundings of scale * log2(e) and of the scaling.
-    delta = torch.where(visible, abs(scale) * reduction_error(pr, q, kt) + 3 * ue * s_f.abs(), zero)
+    if softcap == 0 and bias is None:
+        # Scores: the product, and the roundings of scale * log2(e) and of the scaling.
+        delta = torch.where(visible, abs(scale) * reduction_error(pr, q, kt) + 3 * ue * s_f.abs(), zero)
+    else:
+        # The product and the scaling's roundings, through the cap's slope 1 - t^2 <= 1; the cap's own
+        # evaluation (tanh to 6 units absolute: an exp-based tanh loses up to that near 0, a few ulps
+        # elsewhere, and the division and product by c); ALiBi: the rounded slope * distance and the
+        # subtraction.
+        e_raw = abs(scale) * reduction_error(pr, q, kt) + 3 * ue * raw.abs()
+        if t is not None:
+            e_raw = (1 - t * t) * e_raw + softcap * 6 * ue + 2 * ue * softcap * t.abs()
+        if bias is not None:
+            e_raw = e_raw + ue * (bias.abs() + s_f.abs())
+        delta = torch.where(visible, e_raw + ue * s_f.abs(), zero)
     # Online softmax: up to one rescaling per 16-key block, each rounding acc and l and carrying the
     # exp2 of a max difference (at most the row's score range) into every earlier weight.
     blocks = math.ceil(lk / 16) + 1
@@ -359,7 +386,9 @@ def _attention_errors(pr: Precision, q, k, v, do, scale: float, visible, group: 
     e_w = p * ((1 - p) * rho + others) * second
     # Relative error of the row sums l (and of the rescaled accumulators).
     sigma = sum_error(pr, p, -1, keepdim=True) + 2 * blocks * ue
-    e_out = (propagate(pr, e_w, v) + rounding_error(pr, us, p, v) + reduction_error(pr, p, v)
+    if z is not None:  # dropout: the weights times keep / (1 - p), one more rounding
+        e_w = e_w * z + ue * pz
+    e_out = (propagate(pr, e_w, v) + rounding_error(pr, us, pz, v) + reduction_error(pr, pz, v)
              + (sigma + 4 * ue + pr.output) * out.abs() + pr.tiny)
     log_l = (lse_f - m_f).abs()
     e_lse = propagate_sum(pr, p * delta, -1, keepdim=True) + sigma + ue * (3 * lse_f.abs() + 5 * log_l + 4)
@@ -374,21 +403,32 @@ def _attention_errors(pr: Precision, q, k, v, do, scale: float, visible, group: 
     ado = do.abs()
     dp = do @ vt
     e_dp = reduction_error(pr, do, vt)
+    if z is not None:  # dP = (dO V^T) * keep / (1 - p); dV = (P Z)^T dO
+        dp, e_dp = dp * z, e_dp * z + ue * (dp * z).abs()
+    e_pz = e_p if z is None else e_p * z + ue * pz
     delta_row = (do * out).sum(-1, keepdim=True)
     e_delta_kernel = propagate_sum(pr, ado * e_out, -1, keepdim=True) + sum_error(pr, do * out, -1, keepdim=True)
     e_delta_naive = (propagate_sum(pr, e_p * dp.abs() + p * e_dp, -1, keepdim=True)
                      + sum_error(pr, p * dp, -1, keepdim=True))
     e_delta = torch.maximum(e_delta_kernel, e_delta_naive)
-    t = torch.where(visible, (dp - delta_row).abs(), zero)
+    gap = torch.where(visible, (dp - delta_row).abs(), zero)
     ds = p * (dp - delta_row)
-    e_ds = e_p * (t + e_dp + e_delta) + p * (e_dp + e_delta) + 2 * ue * p * t
+    e_ds = e_p * (gap + e_dp + e_delta) + p * (e_dp + e_delta) + 2 * ue * p * gap
+    if t is not None:
+        # dS times the cap's slope g = 1 - t^2, whose error is 2|t| times t's (the scores' error through
+        # tanh, and its evaluation), plus its own roundings.
+        g = 1 - t * t
+        e_t = g * torch.where(visible, delta, zero) / softcap + 6 * ue
+        e_g = 2 * t.abs() * e_t + 3 * ue
+        ds, e_ds = ds * g, e_ds * g + ds.abs() * e_g + ue * (ds * g).abs()
     rows = group * (lq + 1)  # dK/dV: one accumulation over every query row of the GQA group
-    pt, dst = p.transpose(-2, -1), ds.transpose(-2, -1)
+    pt, dst = pz.transpose(-2, -1), ds.transpose(-2, -1)
     dq, dk, dv = scale * (ds @ k), scale * (dst @ q), pt @ do
     e_dq = abs(scale) * (propagate(pr, e_ds, k) + rounding_error(pr, us, ds, k) + reduction_error(pr, ds, k))
     e_dk = abs(scale) * (propagate(pr, e_ds.transpose(-2, -1), q) + rounding_error(pr, us, dst, q)
                     + reduction_error(pr, dst, q, rows))
-    e_dv = propagate(pr, e_p.transpose(-2, -1), do) + rounding_error(pr, us, pt, do) + reduction_error(pr, pt, do, rows)
+    e_dv = (propagate(pr, e_pz.transpose(-2, -1), do) + rounding_error(pr, us, pt, do)
+            + reduction_error(pr, pt, do, rows))
     e_dk, e_dv, dk, dv = (_group_sum(x, group) for x in (e_dk, e_dv, dk, dv))
     finish = 3 * ue + pr.output
     errors.update(dq=e_dq + finish * dq.abs() + pr.tiny, dk=e_dk + finish * dk.abs() + pr.tiny,
@@ -403,7 +443,8 @@ def _group_sum(t: torch.Tensor, group: int) -> torch.Tensor:
 
 @oracle.one_thread
 def attention_bounds(q, k, v, grad_out=None, *, causal: bool = False, align: str = "bottom_right",
-                     scale: float | None = None, dtype=None) -> dict:
+                     scale: float | None = None, dtype=None, window_size=(-1, -1), softcap: float = 0.0,
+                     alibi_slopes=None, dropout_p: float = 0.0, dropout_mask=None) -> dict:
     """Elementwise floors for checking attention and its gradients: the kernels' rounding-error bound
     plus the reference's (:func:`gradkernels.testing.oracle.attention_reference`).
 
@@ -411,19 +452,40 @@ def attention_bounds(q, k, v, grad_out=None, *, causal: bool = False, align: str
         q, k, v, grad_out: the inputs of the check, shapes as :func:`gradkernels.attention`.
         causal, align, scale: the attention computed (``align``: ``"bottom_right"`` or ``"top_left"``).
         dtype: the dtype the kernels compute in (default q's).
+        window_size, softcap, alibi_slopes, dropout_p, dropout_mask: the features, as
+            :func:`~gradkernels.testing.oracle.attention_reference` takes them. The softcap terms assume
+            a tanh accurate to a few units of the accumulator's roundoff (an exp-based tanh, not a
+            hardware approximation).
 
     Returns:
         fp64 tensors: ``out`` (B, Hq, Lq, Dv), ``lse`` (B, Hq, Lq) and, with ``grad_out``, ``dq``,
         ``dk``, ``dv`` shaped like q, k, v.
     """
     dtype = q.dtype if dtype is None else dtype
-    lq, lk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    b, hq, lq, d = q.shape
+    lk = k.shape[-2]
     group = q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     qe = q.detach().double()
     ke, ve = (t.detach().double().repeat_interleave(group, dim=1) for t in (k, v))
     do = grad_out.detach().double() if grad_out is not None else None
-    visible = oracle.visible_keys(lq, lk, oracle.causal_offset(lq, lk, causal, align), device=q.device)
-    a = _attention_errors(kernel_precision(dtype, q.device), qe, ke, ve, do, scale, visible, group)
-    r = _attention_errors(reference_precision(dtype), qe, ke, ve, do, scale, visible, group)
+    diag, left, right = oracle.window_of(lq, lk, causal, align, window_size)
+    visible = oracle.visible_keys(lq, lk, None, device=q.device, window=(diag, left, right))
+    bias = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.detach().double()
+        slopes = slopes.view(1, hq, 1, 1) if slopes.dim() == 1 else slopes.view(b, hq, 1, 1)
+        rel = (torch.arange(lk, device=q.device)[None, :] - torch.arange(lq, device=q.device)[:, None] - diag)
+        bias = slopes * rel.abs().double()
+    z = None if dropout_mask is None else dropout_mask.double() / (1.0 - dropout_p)
+    feats = dict(softcap=float(softcap), bias=bias, z=z)
+    a = _attention_errors(kernel_precision(dtype, q.device), qe, ke, ve, do, scale, visible, group, **feats)
+    r = _attention_errors(reference_precision(dtype), qe, ke, ve, do, scale, visible, group, **feats)
     return {key: a[key] + r[key] for key in a if not key.startswith("_")}
+
+
+def attention_bounds_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, grad_out=None, **kwargs) -> dict:
+    """:func:`attention_bounds` of each sequence of a varlen batch, packed as
+    :func:`gradkernels.attention_varlen` lays its results out (see
+    :func:`gradkernels.testing.oracle.varlen_apply`)."""
+    return oracle.varlen_apply(attention_bounds, q, k, v, cu_seqlens_q, cu_seqlens_k, grad_out, **kwargs)

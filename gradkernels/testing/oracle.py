@@ -36,7 +36,8 @@ import torch
 
 from .. import reference
 
-__all__ = ["METHODS", "method", "matmul", "linear_reference", "attention_reference"]
+__all__ = ["METHODS", "method", "matmul", "linear_reference", "attention_reference", "attention_reference_varlen",
+           "varlen_apply", "torch_attention", "torch_attention_varlen"]
 
 METHODS = ("longdouble", "compensated", "fp64")
 
@@ -239,37 +240,90 @@ def causal_offset(lq: int, lk: int, causal: bool, align: str = "bottom_right") -
     return lk - lq if align == "bottom_right" else 0
 
 
-def visible_keys(lq: int, lk: int, offset: int | None, device=None) -> torch.Tensor:
-    """(lq, lk) boolean mask: True where query i sees key j."""
-    if offset is None:
-        return torch.ones(lq, lk, dtype=torch.bool, device=device)
+def visible_keys(lq: int, lk: int, offset: int | None, device=None, *, window=None) -> torch.Tensor:
+    """(lq, lk) boolean mask: True where query i sees key j.
+
+    ``offset``: the causal offset (key j visible iff ``j <= i + offset``; None: no causal mask). With
+    ``window = (diag, left, right)`` instead: ``diag - left <= j - i <= diag + right``, -1 unbounded.
+    """
     i = torch.arange(lq, device=device)[:, None]
     j = torch.arange(lk, device=device)[None, :]
+    if window is not None:  # written out here, not the library's mask: the oracle stays independent
+        diag, left, right = window
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=device)
+        if right >= 0:
+            visible &= j <= i + diag + right
+        if left >= 0:
+            visible &= j >= i + diag - left
+        return visible
+    if offset is None:
+        return torch.ones(lq, lk, dtype=torch.bool, device=device)
     return j <= i + offset
+
+
+def diagonal(lq: int, lk: int, align: str = "bottom_right") -> int:
+    """The diagonal ``j - i`` of an alignment: ``Lk - Lq`` bottom-right, 0 top-left."""
+    if align not in ("bottom_right", "top_left"):
+        raise ValueError(f"align must be 'bottom_right' or 'top_left', got {align!r}")
+    return lk - lq if align == "bottom_right" else 0
+
+
+def window_of(lq: int, lk: int, causal: bool, align: str = "bottom_right", window_size=(-1, -1)):
+    """``(diag, left, right)`` of a call: the window relative to the alignment's diagonal, right 0 if causal."""
+    left, right = window_size
+    return diagonal(lq, lk, align), left, (0 if causal else right)
+
+
+def _alibi_bias(alibi_slopes, b, h, lq, lk, diag, dtype, how):
+    """``slope * |j - i - diag|`` as a (B or 1, H, Lq, Lk) high-precision array, or None."""
+    if alibi_slopes is None:
+        return None
+    slopes = _to_array(alibi_slopes, how).astype(dtype)
+    slopes = slopes.reshape(1, h, 1, 1) if slopes.ndim == 1 else slopes.reshape(b, h, 1, 1)
+    rel = np.abs(np.arange(lk)[None, :] - np.arange(lq)[:, None] - diag).astype(dtype)
+    return slopes * rel
 
 
 @one_thread
 def attention_reference(q, k, v, grad_out=None, *, causal: bool = False, align: str = "bottom_right",
-                        scale: float | None = None, method: str | None = None) -> dict:
+                        scale: float | None = None, method: str | None = None, window_size=(-1, -1),
+                        softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0, dropout_mask=None) -> dict:
     """``softmax(q k^T * scale) v``, its natural-log LSE and gradients, more precisely than q's dtype.
 
     Shapes as :func:`gradkernels.attention`: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv),
     Hq a multiple of Hkv. Rows that see no key give output 0, LSE -inf and zero gradients.
 
+    Features (semantics of :mod:`gradkernels.ops.attention_features`, relative to the alignment's
+    diagonal): ``window_size`` (left, right), -1 unbounded, right 0 with ``causal``; ``softcap`` > 0:
+    scores ``softcap * tanh(s / softcap)`` (tanh in the high precision); ``alibi_slopes`` (Hq,) or
+    (B, Hq): ``- slope * |j - i - diag|``; dropout: ``dropout_mask`` (B, Hq, Lq, Lk) bool, the keep-mask
+    (e.g. :func:`gradkernels.dropout_mask`), with ``dropout_p``: weights times ``mask / (1 - p)``. The
+    LSE is that of the scores before dropout.
+
     Returns:
         fp64 tensors on q's device: ``out``, ``lse`` and, with ``grad_out``, ``dq``, ``dk``, ``dv``.
     """
     how = _check_method(method, q.dtype)
+    if (dropout_p > 0) != (dropout_mask is not None):
+        raise ValueError("dropout_p > 0 needs its dropout_mask (and a mask needs dropout_p > 0)")
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    mask = visible_keys(lq, lk, causal_offset(lq, lk, causal, align)).numpy()
+    diag, left, right = window_of(lq, lk, causal, align, window_size)
+    mask = visible_keys(lq, lk, None, window=(diag, left, right)).numpy()
     qa = _to_array(q, how)
     ka = np.repeat(_to_array(k, how), group, axis=1)
     va = np.repeat(_to_array(v, how), group, axis=1)
     hp = qa.dtype.type
     s = _matmul(qa, np.swapaxes(ka, -1, -2), how) * hp(scale)
+    t = None
+    if softcap > 0:
+        t = np.tanh(s / hp(softcap))
+        s = t * hp(softcap)
+    bias = _alibi_bias(alibi_slopes, b, hq, lq, lk, diag, qa.dtype, how)
+    if bias is not None:
+        s = s - bias
     s = np.where(mask, s, -np.inf)
     m = s.max(-1, keepdims=True)
     seen = np.isfinite(m)
@@ -277,19 +331,123 @@ def attention_reference(q, k, v, grad_out=None, *, causal: bool = False, align: 
     e = np.where(mask, np.exp(s - m), 0)
     ell = _sum_last(e, how)[..., None]
     p = np.where(seen, e / np.where(seen, ell, 1), 0)
-    out = _matmul(p, va, how)
+    z = None
+    if dropout_mask is not None:
+        z = dropout_mask.detach().cpu().numpy().astype(qa.dtype) / (hp(1) - hp(dropout_p))
+    pz = p if z is None else p * z
+    out = _matmul(pz, va, how)
     lse = np.where(seen, m + np.log(np.where(seen, ell, 1)), -np.inf)[..., 0]
     result = {"out": _to_tensor(out, q), "lse": _to_tensor(lse, q)}
     if grad_out is None:
         return result
     do = _to_array(grad_out, how)
     dp = _matmul(do, np.swapaxes(va, -1, -2), how)
+    if z is not None:
+        dp = dp * z
     delta = _sum_last(p * dp, how)[..., None]
     ds = p * (dp - delta)
+    if t is not None:
+        ds = ds * (1 - t * t)
     dq = _matmul(ds, ka, how) * hp(scale)
     dk = _matmul(np.swapaxes(ds, -1, -2), qa, how) * hp(scale)
-    dv = _matmul(np.swapaxes(p, -1, -2), do, how)
+    dv = _matmul(np.swapaxes(pz, -1, -2), do, how)
     dk = _sum_last(np.moveaxis(dk.reshape(b, hkv, group, lk, d), 2, -1), how)
     dv = _sum_last(np.moveaxis(dv.reshape(b, hkv, group, lk, dv.shape[-1]), 2, -1), how)
     result.update(dq=_to_tensor(dq, q), dk=_to_tensor(dk, q), dv=_to_tensor(dv, q))
     return result
+
+
+def varlen_sequences(cu_seqlens_q, cu_seqlens_k):
+    """``[(start_q, end_q, start_k, end_k)]`` per sequence of a varlen batch."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(cq[s], cq[s + 1], ck[s], ck[s + 1]) for s in range(len(cq) - 1)]
+
+
+def varlen_apply(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, grad_out=None, *, alibi_slopes=None, dropout_masks=None,
+                 **kwargs) -> dict:
+    """Run a dense reference or bound ``fn(q, k, v, grad_out, **kwargs)`` per sequence of a varlen batch
+    and pack the results as :func:`gradkernels.attention_varlen` lays them out: ``out`` (total_q, Hq, Dv),
+    ``lse`` (Hq, total_q), ``dq``/``dk``/``dv`` like q/k/v. ``alibi_slopes`` (batch, Hq) are split per
+    sequence; ``dropout_masks``: a list of per-sequence keep-masks (Hq, Lq_s, Lk_s)."""
+    parts = []
+    for s, (q0, q1, k0, k1) in enumerate(varlen_sequences(cu_seqlens_q, cu_seqlens_k)):
+        if q1 == q0 or k1 == k0:  # nothing to compute: output 0, LSE -inf, gradients 0 (the defaults)
+            continue
+        sl = alibi_slopes[s] if (alibi_slopes is not None and alibi_slopes.dim() == 2) else alibi_slopes
+        extra = {} if dropout_masks is None else {"dropout_mask": dropout_masks[s][None]}
+        if alibi_slopes is not None:
+            extra["alibi_slopes"] = sl
+        dense = [t[a:c].transpose(0, 1).unsqueeze(0) for t, (a, c) in ((q, (q0, q1)), (k, (k0, k1)), (v, (k0, k1)))]
+        g = None if grad_out is None else grad_out[q0:q1].transpose(0, 1).unsqueeze(0)
+        parts.append(((q0, q1, k0, k1), fn(*dense, g, **kwargs, **extra)))
+    hq, dv = q.shape[1], v.shape[-1]
+    result = {"out": torch.zeros(q.shape[0], hq, dv, dtype=torch.float64, device=q.device),
+              "lse": torch.full((hq, q.shape[0]), -math.inf, dtype=torch.float64, device=q.device)}
+    if grad_out is not None:
+        result.update(dq=torch.zeros(q.shape, dtype=torch.float64, device=q.device),
+                      dk=torch.zeros(k.shape, dtype=torch.float64, device=q.device),
+                      dv=torch.zeros(v.shape, dtype=torch.float64, device=q.device))
+    for (q0, q1, k0, k1), r in parts:
+        for key, (a, c) in (("out", (q0, q1)), ("dq", (q0, q1)), ("dk", (k0, k1)), ("dv", (k0, k1))):
+            if key in r and key in result:
+                result[key][a:c] = r[key][0].transpose(0, 1)
+        if "lse" in r:
+            result["lse"][:, q0:q1] = r["lse"][0]
+    return result
+
+
+def attention_reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, grad_out=None, **kwargs) -> dict:
+    """:func:`attention_reference` of each sequence of a varlen batch (bottom-right per sequence), packed
+    as :func:`gradkernels.attention_varlen` returns it (see :func:`varlen_apply`; ``dropout_masks``: a list
+    of per-sequence keep-masks, e.g. :func:`gradkernels.dropout_mask_varlen`)."""
+    return varlen_apply(attention_reference, q, k, v, cu_seqlens_q, cu_seqlens_k, grad_out, **kwargs)
+
+
+def torch_attention(q, k, v, *, causal: bool = False, align: str = "bottom_right", scale: float | None = None,
+                    window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
+                    dropout_mask=None):
+    """The second oracle for features: ``(out, lse)`` by composed torch ops in q's dtype (autograd records
+    them), written from the definitions independently of ``gradkernels.reference`` (whose twins run the
+    torch backend and must not be checked against themselves).
+
+    Arguments as :func:`attention_reference`; the LSE is that of the scores before dropout.
+    """
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    group = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    diag, left, right = window_of(lq, lk, causal, align, window_size)
+    ke, ve = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    s = torch.matmul(q, ke.transpose(-2, -1)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(s.dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        i = torch.arange(lq, device=q.device)[:, None]
+        j = torch.arange(lk, device=q.device)[None, :]
+        s = s + slopes * -(i + diag - j).abs().to(s.dtype)
+    visible = visible_keys(lq, lk, None, device=q.device, window=(diag, left, right))
+    s = s.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    w = torch.softmax(s, -1).nan_to_num(0.0)  # rows without a visible key: 0, not NaN
+    if dropout_mask is not None:
+        w = w * dropout_mask.to(w.dtype) / (1 - dropout_p)
+    return w @ ve, lse
+
+
+def torch_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, dropout_masks=None,
+                           **kwargs):
+    """:func:`torch_attention` per sequence of a varlen batch: ``(out (total_q, Hq, Dv), lse (Hq, total_q))``."""
+    outs, lses = [], []
+    for s, (q0, q1, k0, k1) in enumerate(varlen_sequences(cu_seqlens_q, cu_seqlens_k)):
+        extra = dict(kwargs)
+        if alibi_slopes is not None:
+            extra["alibi_slopes"] = alibi_slopes[s] if alibi_slopes.dim() == 2 else alibi_slopes
+        if dropout_masks is not None:
+            extra["dropout_mask"] = dropout_masks[s][None]
+        dense = [t[a:c].transpose(0, 1).unsqueeze(0) for t, (a, c) in ((q, (q0, q1)), (k, (k0, k1)), (v, (k0, k1)))]
+        o, lse = torch_attention(*dense, **extra)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
