@@ -241,20 +241,21 @@ def test_regressions_flags_each_field():
 
 
 def test_perf_cli_json_and_compare(tmp_path):
-    """A fresh process (the suite sets TRITON_INTERPRET): one small launch, JSON out, compared with
-    itself (no regression) and with a doctored copy (a regression, exit 1)."""
+    """A fresh process (the suite sets TRITON_INTERPRET): one config of a decode-sized linear forward, JSON
+    out, then compared with a doctored copy of itself (fewer registers recorded: a regression, exit 1)."""
     out = tmp_path / "perf.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
     args = [sys.executable, "-m", "gradkernels.aot", "perf", "--arch", "90", "--kernel", "linear_fwd", "--dtype",
-            "fp16", "--case", "perf-linear-m16-fwd", "--jobs", "2"]
+            "fp16", "--case", "perf-linear-m16-fwd", "--config", "64x64x32x8 w4 s3", "--jobs", "1"]
     proc = subprocess.run(args + ["--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["triton"] == triton.__version__ and data["archs"] == [90] and data["model"]["90"]["sms"] == 132
     rows = data["rows"]
-    assert rows and all(r["kernel"] == "linear_fwd" and r["m"] == 16 for r in rows)
-    assert sum(r["picked"] for r in rows) == 1
-    assert all(r["split_k"] >= 1 and r["useful_rows"] == 16 / r["block_m"] for r in rows)
+    assert len(rows) == 1 and rows[0]["kernel"] == "linear_fwd" and rows[0]["m"] == 16
+    assert rows[0]["config"] == "64x64x32x8 w4 s3" and rows[0]["picked"], "picked among the compiled configs"
+    assert rows[0]["split_k"] > 1, "16 rows cannot fill the GPU: the launcher splits K"
+    assert rows[0]["useful_rows"] == 16 / 64 and rows[0]["programs"] == 64 * rows[0]["split_k"]
     doctored = dict(data, rows=[dict(r, regs=r["regs"] - 1) for r in rows])
     worse_file = tmp_path / "recorded.json"
     worse_file.write_text(json.dumps(doctored))

@@ -202,17 +202,14 @@ def all_cases() -> list[Case]:
 # ----------------------------------------------------------------------------------------------------
 
 PERF_DTYPES = ("fp16", "bf16", "fp32-tf32")
-# The catalogue compiles each kept config of each launch once per dtype and architecture (~3 s each on
-# 2 cores): 16-bit dtypes wherever the kernels are meant to be fast, fp32 (tf32) and the less common
-# shapes (D = 256, decoding) in fewer variants. ``--dtype`` compiles any case in any dtype.
-_MAIN = ("fp16", "bf16", "fp32-tf32")
-_FP16 = ("fp16",)
 
 
 def perf_linear_cases() -> list[Case]:
-    """Linear layers at 4096^3 and 8192^3 (fwd, dX, dW; fp16, bf16, fp32 with tf32), decode-sized M =
-    16/64/256 (forward, N = K = 4096: split-K where the launcher splits) and a wide N (a 32768-wide output,
-    e.g. an MLP or vocabulary projection; all three roles) in fp16. Bias, no activation."""
+    """Linear layers at 4096^3 and 8192^3 (forward, dX, dW), decode-sized M = 16/64/256 (forward, N = K =
+    4096: split-K where the launcher splits) and a wide N (a 32768-wide output, e.g. an MLP or vocabulary
+    projection; all three roles); bias, no activation. fp16 everywhere, fp32 with tf32 for the 4096^3
+    forward. (Each kept config costs one compile per dtype and architecture, ~3-6 s on 2 cores; bf16 code
+    is fp16's with another operand type: ``--dtype bf16`` compiles it.)"""
     from ..ops import linear as ops
 
     tuned = _linear_tuned()
@@ -231,21 +228,24 @@ def perf_linear_cases() -> list[Case]:
 
         return launch
 
-    # (tag, m, n, k, roles, dtypes): 8192^3 and the wide N compile to the 4096^3 kernels (sizes are runtime
+    fp16, main = ("fp16",), ("fp16", "fp32-tf32")
+    # (tag, m, n, k, role, dtypes): 8192^3 and the wide N compile to the 4096^3 kernels (sizes are runtime
     # values) but prune and launch differently.
-    roles = ("fwd", "dx", "dw")
-    shapes = [("4096", 4096, 4096, 4096, roles, _MAIN), ("8192", 8192, 8192, 8192, roles, _MAIN),
-              ("m16", 16, 4096, 4096, ("fwd",), _FP16), ("m64", 64, 4096, 4096, ("fwd",), _FP16),
-              ("m256", 256, 4096, 4096, ("fwd",), _FP16), ("wide", 4096, 32768, 4096, roles, _FP16)]
+    specs = [("4096", 4096, 4096, 4096, "fwd", main), ("4096", 4096, 4096, 4096, "dx", fp16),
+             ("4096", 4096, 4096, 4096, "dw", fp16)]
+    specs += [("8192", 8192, 8192, 8192, role, fp16) for role in ("fwd", "dx", "dw")]
+    specs += [(f"m{m}", m, 4096, 4096, "fwd", fp16) for m in (16, 64, 256)]
+    specs += [("wide", 4096, 32768, 4096, role, fp16) for role in ("fwd", "dx", "dw")]
     return [Case("linear", f"perf-linear-{tag}-{role}", run(role, m, n, k), (ops,), tuned, dtypes=dtypes)
-            for tag, m, n, k, which, dtypes in shapes for role in which]
+            for tag, m, n, k, role, dtypes in specs]
 
 
 def perf_attention_cases() -> list[Case]:
-    """Training shapes (batch 4, 16 heads, 4096 positions), forward and backward: D = 64 and 128 causal
-    (fp16, bf16, fp32 with tf32) and not (fp16), D = 256 causal (fp16); GQA (32 query heads on 8 kv heads)
-    at D = 128, causal; decoding (1 and 16 query rows against 4096 cached keys, 32 query heads on 8 kv
-    heads, bottom-right causal) at D = 64 and 128. fp16 where not said."""
+    """Training shapes (batch 4, 16 heads, 4096 positions): D = 128 causal, forward and backward, in fp16
+    and bf16 (and the forward in fp32 with tf32); D = 128 non-causal, D = 64 causal and GQA (32 query heads
+    on 8 kv heads) at D = 128 causal, forward and backward, and the D = 256 causal forward, in fp16;
+    decoding (1 and 16 query rows against 4096 cached keys, GQA 32/8, bottom-right causal) at D = 128 in
+    fp16. (``--dtype`` compiles any case in any dtype.)"""
     from ..ops import attention as ops
 
     tuned_kernels, fixed = _attention_tuning()
@@ -268,17 +268,17 @@ def perf_attention_cases() -> list[Case]:
     def case(name, dtypes, *spec):
         return Case("attention", name, run(*spec), (ops,), tuned_kernels, fixed, dtypes=dtypes)
 
-    cases = []
-    for d, causal, dtypes in ((64, True, _MAIN), (64, False, _FP16), (128, True, _MAIN), (128, False, _FP16),
-                              (256, True, _FP16)):
-        tag = f"d{d}-{'causal' if causal else 'full'}"
-        for pass_ in ("fwd", "bwd"):
-            cases.append(case(f"perf-attn-{tag}-{pass_}", dtypes, pass_, d, causal, 4, 16, 16, 4096, 4096))
+    fp16 = ("fp16",)
+    cases = [case("perf-attn-d128-causal-fwd", PERF_DTYPES, "fwd", 128, True, 4, 16, 16, 4096, 4096),
+             case("perf-attn-d128-causal-bwd", ("fp16", "bf16"), "bwd", 128, True, 4, 16, 16, 4096, 4096)]
+    for d, causal, passes in ((128, False, ("fwd", "bwd")), (64, True, ("fwd", "bwd")), (256, True, ("fwd",))):
+        for pass_ in passes:
+            cases.append(case(f"perf-attn-d{d}-{'causal' if causal else 'full'}-{pass_}", fp16, pass_, d, causal,
+                              4, 16, 16, 4096, 4096))
     for pass_ in ("fwd", "bwd"):
-        cases.append(case(f"perf-attn-gqa-d128-causal-{pass_}", _FP16, pass_, 128, True, 4, 32, 8, 4096, 4096))
-    for d in (64, 128):
-        for lq in (1, 16):
-            cases.append(case(f"perf-attn-decode{lq}-d{d}-fwd", _FP16, "fwd", d, True, 8, 32, 8, lq, 4096))
+        cases.append(case(f"perf-attn-gqa-d128-causal-{pass_}", fp16, pass_, 128, True, 4, 32, 8, 4096, 4096))
+    for lq in (1, 16):
+        cases.append(case(f"perf-attn-decode{lq}-d128-fwd", fp16, "fwd", 128, True, 8, 32, 8, lq, 4096))
     return cases
 
 

@@ -208,6 +208,9 @@ def _perf_arguments(p: argparse.ArgumentParser) -> None:
     add_filters(p)
     p.add_argument("--json", default=None, help="write the report (rows and model constants) as JSON to this file")
     p.add_argument("--table", default=None, help="also write the table to this file")
+    p.add_argument("--config", default="",
+                   help="only configs whose label contains one of these (comma list, e.g. '128x64 w8 s3'); "
+                        "'picked' is then chosen among them")
     p.add_argument("--picked-only", action="store_true", help="print only the rows of the picked configs")
     p.add_argument("--compare", default=None,
                    help="a committed report (JSON) of the same Triton: exit 1 when a row got worse than it "
@@ -220,7 +223,7 @@ def _perf(args, p: argparse.ArgumentParser) -> int:
     filters = parse_filters(args, p)
     print(f"gradkernels static performance report: sm_{', sm_'.join(map(str, filters['archs']))}; {versions()}",
           flush=True)
-    rows = build_perf_rows(**filters)
+    rows = build_perf_rows(**filters, configs=_csv(args.config) or None)
     if not rows:
         print("no kernel launch matches the filters", file=sys.stderr)
         return 2

@@ -179,7 +179,8 @@ def _area(config) -> tuple:
 
 def build_perf_rows(archs: Sequence[int] = DEFAULT_ARCHS, kernels: Sequence[str] | None = None,
                     dtypes: Sequence[str] | None = None, cases: Sequence[str] | None = None,
-                    catalogue: Callable[[], list[Case]] = perf_cases) -> list[PerfRow]:
+                    catalogue: Callable[[], list[Case]] = perf_cases,
+                    configs: Sequence[str] | None = None) -> list[PerfRow]:
     """Every (arch, case, dtype, tuned launch, kept config) of the catalogue, not compiled yet.
 
     Args:
@@ -189,6 +190,8 @@ def build_perf_rows(archs: Sequence[int] = DEFAULT_ARCHS, kernels: Sequence[str]
         dtypes: keys of :data:`.targets.DTYPES` (default :data:`.cases.PERF_DTYPES`).
         cases: keep cases whose name contains one of these.
         catalogue: the cases (default :func:`.cases.perf_cases`).
+        configs: keep configs whose label (``"128x64 w8 s3"``) contains one of these; ``picked`` is then
+            chosen among those.
 
     Raises:
         ValueError: an unknown architecture or dtype name.
@@ -215,11 +218,28 @@ def build_perf_rows(archs: Sequence[int] = DEFAULT_ARCHS, kernels: Sequence[str]
                 for arch in archs:
                     kept = tuned.prune(tuned.configs(), launch, arch)
                     for rank, c in enumerate(kept):
+                        if not wanted([config_label(c)], configs):
+                            continue
                         job = make_job(launch, arch, c)
                         check_row = Row(arch, case.family, case.name, dname, launch.kernel, config_label(c),
                                         False, job, needs_tc)
                         rows.append(PerfRow(arch, case, dname, launch, c, rank, check_row))
     return rows
+
+
+_CACHE_CHUNK = 24
+
+
+def _save_cache(path: str, results: dict) -> None:
+    old = {}
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            saved = pickle.load(f)
+        if saved.get("versions") == versions():
+            old = saved.get("results", {})
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump({"versions": versions(), "results": {**old, **results}}, f)
+    os.replace(path + ".tmp", path)
 
 
 def compile_perf_rows(rows: Sequence[PerfRow], workers: int | None = None,
@@ -240,14 +260,16 @@ def compile_perf_rows(rows: Sequence[PerfRow], workers: int | None = None,
         if saved.get("versions") == versions():
             results = {j: res for j, res in saved["results"].items() if j in set(jobs)}
     todo = [j for j in jobs if j not in results]
-    results.update(compile_jobs(todo, workers, progress, analyse=sass.analyse))
-    if cache:
-        old = {}
-        if os.path.exists(cache):
-            with open(cache, "rb") as f:
-                old = pickle.load(f).get("results", {})
-        with open(cache, "wb") as f:
-            pickle.dump({"versions": versions(), "results": {**old, **results}}, f)
+    # With a cache, compile in chunks and save after each: an interrupted run keeps what it compiled.
+    step = _CACHE_CHUNK if cache else max(1, len(todo))
+    for start in range(0, len(todo), step):
+        def chunk_progress(done, total, start=start):
+            if progress is not None:
+                progress(start + done, len(todo))
+
+        results.update(compile_jobs(todo[start:start + step], workers, chunk_progress, analyse=sass.analyse))
+        if cache:
+            _save_cache(cache, results)
     for r in rows:
         r.check_row.result = results[r.check_row.job]
         r.check_row.failures = judge(r.check_row)
