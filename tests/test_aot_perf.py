@@ -278,3 +278,16 @@ def test_whole_report_does_not_regress(tmp_path):
     status = cli.main(["perf", "--arch", ",".join(map(str, data["archs"])), "--compare", str(COMMITTED),
                        "--json", str(tmp_path / "fresh.json")])
     assert status == 0
+
+
+@pytest.mark.slow
+def test_aot_check_under_the_gpu_machines_triton():
+    """`make aot-check-triton36`: the clean-compile check under Triton 3.6 (the H100/H200 machines'), from
+    the second environment the Makefile builds (~15-25 min on 2 cores)."""
+    python = ROOT / ".venv-triton36" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-triton36: `make aot-check-triton36` builds it (bench/GPU.md)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([str(python), "-m", "gradkernels.aot", "check", "--failures-only"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=4 * 3600)
+    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-2000:]

@@ -336,7 +336,7 @@ def row_record(r: PerfRow, triton_version: str) -> dict:
                ctas_per_sm=ctas_per_sm(res["regs"], smem, warps, r.arch),
                warp_specialized=bool(res.get("warp_specialized")) or bool(res["analysis"]["setmaxnreg"]),
                tma=res["analysis"]["tma"], cp_async=res["analysis"]["cp_async"],
-               mbarrier=res["analysis"]["mbarrier"], compile_seconds=round(res["seconds"], 1))
+               mbarrier=res["analysis"]["mbarrier"])
     an = res["analysis"]
     loop = an["main"]
     if r.launch.kernel == "linear_kernel":
@@ -417,9 +417,12 @@ def format_perf_table(records: Sequence[dict], picked_only: bool = False) -> str
 
 
 def write_json(data: dict, path: str) -> None:
+    """The report as JSON, one row per line (a committed report diffs row by row)."""
+    head = {k: v for k, v in data.items() if k != "rows"}
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.write("\n")
+        f.write(json.dumps(head, indent=1)[:-2] + ',\n "rows": [\n')
+        f.write(",\n".join(json.dumps(r, separators=(",", ":")) for r in data.get("rows", [])))
+        f.write("\n ]\n}\n")
 
 
 # ----------------------------------------------------------------------------------------------------
