@@ -23,8 +23,11 @@ One module per role:
 - :mod:`.report`     the table, the summary and the JSON of the rows
 - :mod:`.tiles`      the attention tile table (``kernels/attention_tiles.py``) written from reports
 - :mod:`.real`       checks against a real GPU: real launches, the autotuner's picks
-- :mod:`.cli`        ``python -m gradkernels.aot [check|compare-real|tiles] ...``
+- :mod:`.sass`       reading SASS listings: loops, the main loop, tensor-core shapes (no Triton needed)
+- :mod:`.perf`       the static performance report: the main loop of every kept config, an issue model
+- :mod:`.cli`        ``python -m gradkernels.aot [check|compare-real|tiles|perf] ...``
 
 Usage: ``python -m gradkernels.aot check --arch 80,90 --kernel attn --failures-only`` (``check`` is the
-default subcommand); see bench/GPU.md.
+default subcommand), ``python -m gradkernels.aot perf --arch 90 --kernel attn_fwd --picked-only``; see
+bench/GPU.md.
 """

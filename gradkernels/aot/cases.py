@@ -55,14 +55,19 @@ def autotuner_args(launch: Launch, configs) -> dict:
     return {k: v for k, v in launch.args.items() if k not in tiles}
 
 
-def linear_cases() -> list[Case]:
+def _linear_tuned() -> dict[str, Tuned]:
     from ..kernels import linear_configs as configs
-    from ..ops import linear as ops
 
     def prune(tiles, launch, arch):
         return configs.prune(tiles, autotuner_args(launch, tiles), dtype_bytes=launch.args["A"].itemsize, arch=arch)
 
-    tuned = {"linear_kernel": Tuned(configs.get_linear_configs, prune)}
+    return {"linear_kernel": Tuned(configs.get_linear_configs, prune)}
+
+
+def linear_cases() -> list[Case]:
+    from ..ops import linear as ops
+
+    tuned = _linear_tuned()
     m, k, n = 2048, 1024, 4096
 
     def tensors(dtype, device):
@@ -105,11 +110,11 @@ def linear_cases() -> list[Case]:
     ]
 
 
-def attention_cases() -> list[Case]:
+def _attention_tuning() -> tuple[dict[str, Tuned], dict]:
+    """The attention kernels' autotuned tiles (``Case.tuned``) and the fixed-tile ones (``Case.fixed``)."""
     import triton
 
     from ..kernels import attention_configs as configs
-    from ..ops import attention as ops
 
     def tuned(kernel, factory):
         def prune(tiles, launch, arch):
@@ -133,6 +138,13 @@ def attention_cases() -> list[Case]:
                              num_warps=configs.PREPROCESS_WARPS)
 
     fixed = {"attn_bwd_preprocess_kernel": preprocess}
+    return tuned_kernels, fixed
+
+
+def attention_cases() -> list[Case]:
+    from ..ops import attention as ops
+
+    tuned_kernels, fixed = _attention_tuning()
     # GQA (8 query heads on 2 kv heads), 1024 positions.
     b, hq, hkv, length = 2, 8, 2, 1024
 
@@ -181,3 +193,97 @@ FAMILIES: dict[str, Callable[[], list[Case]]] = {"linear": linear_cases, "attent
 
 def all_cases() -> list[Case]:
     return [c for make in FAMILIES.values() for c in make()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The static performance report's catalogue (``python -m gradkernels.aot perf``): the shapes that
+# matter for speed rather than for coverage. One launcher call per case; linear case names end in the
+# product's role (fwd, dx, dw), which names the report's kernel (linear_fwd, ...).
+# ----------------------------------------------------------------------------------------------------
+
+PERF_DTYPES = ("fp16", "bf16", "fp32-tf32")
+
+
+def perf_linear_cases() -> list[Case]:
+    """Linear layers at 4096^3 and 8192^3 (forward, dX, dW), decode-sized M = 16/64/256 (forward, N = K =
+    4096: split-K where the launcher splits) and a wide N (a 32768-wide output, e.g. an MLP or vocabulary
+    projection; all three roles); bias, no activation. fp16 everywhere, fp32 with tf32 for the 4096^3
+    forward. (Each kept config costs one compile per dtype and architecture, ~3-6 s on 2 cores; bf16 code
+    is fp16's with another operand type: ``--dtype bf16`` compiles it.)"""
+    from ..ops import linear as ops
+
+    tuned = _linear_tuned()
+
+    def run(role, m, n, k):
+        def launch(dtype, device):
+            def mk(*shape):
+                return torch.empty(shape, dtype=dtype, device=device)
+
+            x, w, b = mk(m, k), mk(n, k), mk(n)
+            if role == "fwd":
+                ops.linear_forward(x, w, b)
+            else:
+                ops.linear_backward(mk(m, n), x, w, None, None, need_dx=role == "dx", need_dw=role == "dw",
+                                    need_db=role == "dw")
+
+        return launch
+
+    fp16, main = ("fp16",), ("fp16", "fp32-tf32")
+    # (tag, m, n, k, role, dtypes): 8192^3 and the wide N compile to the 4096^3 kernels (sizes are runtime
+    # values) but prune and launch differently.
+    specs = [("4096", 4096, 4096, 4096, "fwd", main), ("4096", 4096, 4096, 4096, "dx", fp16),
+             ("4096", 4096, 4096, 4096, "dw", fp16)]
+    specs += [("8192", 8192, 8192, 8192, role, fp16) for role in ("fwd", "dx", "dw")]
+    specs += [(f"m{m}", m, 4096, 4096, "fwd", fp16) for m in (16, 64, 256)]
+    specs += [("wide", 4096, 32768, 4096, role, fp16) for role in ("fwd", "dx", "dw")]
+    return [Case("linear", f"perf-linear-{tag}-{role}", run(role, m, n, k), (ops,), tuned, dtypes=dtypes)
+            for tag, m, n, k, role, dtypes in specs]
+
+
+def perf_attention_cases() -> list[Case]:
+    """Training shapes (batch 4, 16 heads, 4096 positions): D = 128 causal, forward and backward, in fp16
+    and bf16 (and the forward in fp32 with tf32); D = 128 non-causal, D = 64 causal and GQA (32 query heads
+    on 8 kv heads) at D = 128 causal, forward and backward, and the D = 256 causal forward, in fp16;
+    decoding (1 and 16 query rows against 4096 cached keys, GQA 32/8, bottom-right causal) at D = 128 in
+    fp16. (``--dtype`` compiles any case in any dtype.)"""
+    from ..ops import attention as ops
+
+    tuned_kernels, fixed = _attention_tuning()
+
+    def run(pass_, d, causal, b, hq, hkv, lq, lk):
+        def launch(dtype, device):
+            q = torch.empty((b, hq, lq, d), dtype=dtype, device=device)
+            k = torch.empty((b, hkv, lk, d), dtype=dtype, device=device)
+            v = torch.empty((b, hkv, lk, d), dtype=dtype, device=device)
+            offset = lk - lq if causal else None
+            if pass_ == "fwd":
+                ops.attention_forward(q, k, v, offset, d**-0.5)
+            else:
+                lse = torch.empty((b, hq, lq), dtype=ops.accumulator_dtype(dtype), device=device)
+                ops.attention_backward(torch.empty_like(q), q, k, v, torch.empty_like(q), lse, torch.empty_like(lse),
+                                       offset, d**-0.5)
+
+        return launch
+
+    def case(name, dtypes, *spec):
+        return Case("attention", name, run(*spec), (ops,), tuned_kernels, fixed, dtypes=dtypes)
+
+    fp16 = ("fp16",)
+    cases = [case("perf-attn-d128-causal-fwd", PERF_DTYPES, "fwd", 128, True, 4, 16, 16, 4096, 4096),
+             case("perf-attn-d128-causal-bwd", ("fp16", "bf16"), "bwd", 128, True, 4, 16, 16, 4096, 4096)]
+    for d, causal, passes in ((128, False, ("fwd", "bwd")), (64, True, ("fwd", "bwd")), (256, True, ("fwd",))):
+        for pass_ in passes:
+            cases.append(case(f"perf-attn-d{d}-{'causal' if causal else 'full'}-{pass_}", fp16, pass_, d, causal,
+                              4, 16, 16, 4096, 4096))
+    for pass_ in ("fwd", "bwd"):
+        cases.append(case(f"perf-attn-gqa-d128-causal-{pass_}", fp16, pass_, 128, True, 4, 32, 8, 4096, 4096))
+    for lq in (1, 16):
+        cases.append(case(f"perf-attn-decode{lq}-d128-fwd", fp16, "fwd", 128, True, 8, 32, 8, lq, 4096))
+    return cases
+
+
+PERF_FAMILIES: dict[str, Callable[[], list[Case]]] = {"linear": perf_linear_cases, "attention": perf_attention_cases}
+
+
+def perf_cases() -> list[Case]:
+    return [c for make in PERF_FAMILIES.values() for c in make()]

@@ -1,4 +1,4 @@
-"""``python -m gradkernels.aot [check|compare-real|tiles] ...``: the AOT report's command line.
+"""``python -m gradkernels.aot [check|compare-real|tiles|perf] ...``: the AOT report's command line.
 
 - ``check`` (the default when no subcommand is given): compile, print the table and the summary; exit 1
   when a config the autotuner can pick fails, 2 on bad arguments. ``--autotune-log LOG`` also checks the
@@ -6,6 +6,9 @@
 - ``compare-real`` (CUDA only): compile for this GPU's architecture, then launch each row for real and
   compare registers, spills and shared memory with the AOT numbers.
 - ``tiles``: write the attention tile table from ``check --include-pruned --json`` reports.
+- ``perf``: the static performance report (:mod:`.perf`): per kept config of the performance catalogue,
+  registers, spills, shared memory and the main loop's SASS (instructions per element, tensor-core
+  shapes, ...); ``--compare REPORT`` exits 1 when a row got worse than the committed report.
 
 A new report is one more entry in :data:`COMMANDS`: a help line, a function adding its arguments to an
 ``argparse`` parser, and one running it.
@@ -25,6 +28,7 @@ from .. import _device
 from ..kernels.arch import ARCHS
 from .check import build_rows, compile_rows, failing
 from .compiler import versions
+from .perf import build_perf_rows, compile_perf_rows, format_perf_table, regressions, report, write_json
 from .real import check_picks, compare_real, parse_autotune_log
 from .report import format_table, rows_to_json, summary
 from .targets import DEFAULT_ARCHS, DTYPES
@@ -69,14 +73,18 @@ def parse_filters(args, p: argparse.ArgumentParser) -> dict:
     return {"archs": archs, "kernels": _csv(args.kernel) or None, "dtypes": dtypes, "cases": _csv(args.case) or None}
 
 
-def _compile(rows, jobs, t0):
+def _progress(t0):
     def progress(done, total):
         if sys.stderr.isatty():
             print(f"\rcompiled {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
         elif done == total or done % 50 == 0:
             print(f"compiled {done}/{total} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    compile_rows(rows, jobs, progress)
+    return progress
+
+
+def _compile(rows, jobs, t0):
+    compile_rows(rows, jobs, _progress(t0))
 
 
 def _built_rows(args, p, **kw):
@@ -192,6 +200,64 @@ def _tiles(args, p: argparse.ArgumentParser) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# perf
+# ----------------------------------------------------------------------------------------------------
+
+
+def _perf_arguments(p: argparse.ArgumentParser) -> None:
+    add_filters(p)
+    p.add_argument("--json", default=None, help="write the report (rows and model constants) as JSON to this file")
+    p.add_argument("--table", default=None, help="also write the table to this file")
+    p.add_argument("--config", default="",
+                   help="only configs whose label contains one of these (comma list, e.g. '128x64 w8 s3'); "
+                        "'picked' is then chosen among them")
+    p.add_argument("--picked-only", action="store_true", help="print only the rows of the picked configs")
+    p.add_argument("--compare", default=None,
+                   help="a committed report (JSON) of the same Triton: exit 1 when a row got worse than it "
+                        "(instructions per element, registers, spills)")
+    p.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # development aid, see compile_perf_rows
+
+
+def _perf(args, p: argparse.ArgumentParser) -> int:
+    t0 = time.perf_counter()
+    filters = parse_filters(args, p)
+    print(f"gradkernels static performance report: sm_{', sm_'.join(map(str, filters['archs']))}; {versions()}",
+          flush=True)
+    rows = build_perf_rows(**filters, configs=_csv(args.config) or None)
+    if not rows:
+        print("no kernel launch matches the filters", file=sys.stderr)
+        return 2
+    progress = _progress(t0)
+    compile_perf_rows(rows, args.jobs, progress, cache=args.cache)
+    data = report(rows, filters["archs"])
+    table = format_perf_table(data["rows"], picked_only=args.picked_only)
+    print(table)
+    if args.table:
+        with open(args.table, "w", encoding="utf-8") as f:
+            f.write(f"# {data['versions']}\n" + format_perf_table(data["rows"]) + "\n")
+    if args.json:
+        write_json(data, args.json)
+    failed = [r for r in data["rows"] if r["failures"]]
+    print(f"\n{len(data['rows'])} rows ({len({r.check_row.job for r in rows})} distinct compiles), "
+          f"{sum(r['picked'] for r in data['rows'])} picked, {len(failed)} failing the check, "
+          f"{time.perf_counter() - t0:.0f} s")
+    status = 0
+    if args.compare:
+        with open(args.compare, encoding="utf-8") as f:
+            recorded = json.load(f)
+        if recorded.get("triton") != data["triton"]:
+            print(f"--compare: {args.compare} is for Triton {recorded.get('triton')}, this is {data['triton']}",
+                  file=sys.stderr)
+            return 2
+        worse, compared = regressions(data["rows"], recorded["rows"])
+        print(f"compared {compared} rows with {args.compare}: {len(worse)} regressions")
+        for line in worse:
+            print(f"REGRESSION {line}")
+        status = 1 if worse else 0
+    return status
+
+
+# ----------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------
 
@@ -209,6 +275,8 @@ COMMANDS: dict[str, Command] = {
                             _compare_real_arguments, _compare_real),
     "tiles": Command("write the attention tile table from --include-pruned JSON reports",
                      _tiles_arguments, _tiles),
+    "perf": Command("the static performance report: main-loop SASS of every kept config (bench/GPU.md)",
+                    _perf_arguments, _perf),
 }
 DEFAULT_COMMAND = "check"
 

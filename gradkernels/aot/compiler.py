@@ -47,6 +47,8 @@ def triton_tool(name: str) -> str:
 
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 SASS_OPS = ("HGMMA", "HMMA", "DMMA", "FFMA", "DFMA", "LDL", "STL")
+# How warp-specialised partitions appear in the TTGIR (Triton >= 3.4: the ttg.warp_specialize op).
+WARP_SPECIALIZED_IR = r"\bttg\.warp_specialize\b"
 
 
 def parse_res_usage(text: str) -> dict:
@@ -68,14 +70,20 @@ def count_sass(text: str, ops: Sequence[str] = SASS_OPS) -> dict:
     return counts
 
 
-def compile_job(job: Job, keep_sass: bool = False) -> dict:
+def compile_job(job: Job, keep_sass: bool = False, analyse: Callable[[str], dict] | None = None) -> dict:
     """Compile one job for its GPU target and read the cubin. Never raises: errors are in ``error``.
+
+    Args:
+        job: what to compile.
+        keep_sass: also return the whole ``cuobjdump -sass`` listing (``sass_text``).
+        analyse: a function of the SASS listing run here, in the worker (a module-level function, so it
+            can be sent to the worker); its result is ``analysis``. Cheaper than shipping listings back.
 
     Returns:
         ``regs``, ``stack``, ``static_shared``, ``local`` (from ``-res-usage``), ``shared`` (dynamic
         shared memory), ``num_warps``, ``sass`` (opcode counts, :data:`SASS_OPS`), ``has_dot`` (a
-        ``tt.dot`` in the IR), ``error`` (None or the message) and ``seconds``; with ``keep_sass`` also
-        ``sass_text``, the whole ``cuobjdump -sass`` listing.
+        ``tt.dot`` in the IR), ``warp_specialized`` (the TTGIR has warp-specialised partitions),
+        ``error`` (None or the message) and ``seconds``; ``sass_text`` and ``analysis`` on request.
     """
     t0 = time.perf_counter()
     try:
@@ -105,8 +113,11 @@ def compile_job(job: Job, keep_sass: bool = False) -> dict:
         out["sass"] = count_sass(sass)
         if keep_sass:
             out["sass_text"] = sass
+        if analyse is not None:
+            out["analysis"] = analyse(sass)
         # A matmul kernel (tensor cores expected for 16-bit/tf32), helpers it calls included.
         out["has_dot"] = bool(re.search(r"\btt\.dot\b", compiled.asm["ttir"]))
+        out["warp_specialized"] = bool(re.search(WARP_SPECIALIZED_IR, compiled.asm.get("ttgir", "")))
         out["error"] = None
     except Exception as e:  # noqa: BLE001 - reported per job, the run goes on
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
@@ -147,7 +158,8 @@ def default_workers() -> int:
 
 
 def compile_jobs(jobs: Sequence[Job], workers: int | None = None,
-                 progress: Callable[[int, int], None] | None = None, keep_sass: bool = False) -> dict[Job, dict]:
+                 progress: Callable[[int, int], None] | None = None, keep_sass: bool = False,
+                 analyse: Callable[[str], dict] | None = None) -> dict[Job, dict]:
     """Compile each distinct job once, in a process pool.
 
     Args:
@@ -155,6 +167,7 @@ def compile_jobs(jobs: Sequence[Job], workers: int | None = None,
         workers: pool size (default: the CPUs this process may use).
         progress: called with ``(done, total)`` after each compile.
         keep_sass: also return each cubin's SASS listing (``sass_text``).
+        analyse: run on each SASS listing in the worker (see :func:`compile_job`).
 
     Returns:
         ``{job: result of compile_job}``.
@@ -168,7 +181,7 @@ def compile_jobs(jobs: Sequence[Job], workers: int | None = None,
         ctx = multiprocessing.get_context("spawn")
         with _worker_environment(cache), concurrent.futures.ProcessPoolExecutor(
                 max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-            futures = {pool.submit(compile_job, j, keep_sass): j for j in jobs}
+            futures = {pool.submit(compile_job, j, keep_sass, analyse): j for j in jobs}
             for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
                 results[futures[fut]] = fut.result()
                 if progress is not None:

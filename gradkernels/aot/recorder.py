@@ -108,7 +108,7 @@ def record_launches(case, dtype) -> list[Launch]:
     def handler(kernel, grid, args, kwargs):
         bound, options = bind(kernel, args, kwargs)
         launches.append(Launch(kernel.fn.__module__, kernel.fn.__name__,
-                               {k: record_value(v) for k, v in bound.items()}, options))
+                               {k: record_value(v) for k, v in bound.items()}, options, grid))
 
     with intercepted(case.ops_modules, handler, dtype.fp32_precision):
         case.launch(dtype.torch_dtype, "meta")

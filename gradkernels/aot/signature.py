@@ -39,6 +39,8 @@ class Launch:
     kernel: str
     args: dict  # parameter name -> recorded value (TensorArg, int, float, str, None, ...)
     options: dict  # num_warps, num_stages, ... given at the launch
+    # The launch's grid: a tuple, or a function of the config's tile values (what launchers pass).
+    grid: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
