@@ -15,6 +15,7 @@ calibrated on the AOT report is in bench/GPU.md ("Linear").
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import triton
 
@@ -60,6 +61,17 @@ TILES = (
 # Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config.
 # Small enough that test shapes such as 97 or 257 span several tiles and exercise the masks.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+
+def even_k(k: int) -> bool:
+    """Whether a reduction of length ``k`` is a whole number of steps for every ``BLOCK_K`` the launch may
+    use (the tiles above and the interpreter's): the kernel's ``EVEN_K``, which drops the K mask from the
+    loop. A launcher-side flag, not a config one: the autotuner's key would otherwise have to carry K."""
+    return k % _K_MULTIPLE == 0
+
+
+_K_MULTIPLE = math.lcm(*(t.block_k for t in TILES), INTERPRETER_CONFIG["BLOCK_K"])
 
 # Tiles of the split-K reduce kernel (memory bound: wide rows for coalescing).
 REDUCE_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128}

@@ -111,6 +111,7 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
         STORE_PRE=pre_out is not None and split == 1,
         ROW_SUM=row_sum is not None,
         SPLIT_K=split,
+        EVEN_K=configs.even_k(k),
         INPUT_PRECISION=_device.dot_precision(a.dtype, a.device),
     )
     if split > 1:
