@@ -36,11 +36,17 @@ from ._common import activation_grad, apply_activation, store_tile
 @triton.jit
 def _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
                     stride_cm, stride_cn, stride_pom, stride_pon, stride_bias,
-                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr):
-    """Epilogue: ``+ bias``; store the pre-activation if backward needs it; ``act``; store."""
+                    HAS_BIAS: tl.constexpr, BIAS_ALONG_M: tl.constexpr, ACTIVATION: tl.constexpr,
+                    STORE_PRE: tl.constexpr):
+    """Epilogue: ``+ bias`` (one per column, or per row in a swapped launch); store the pre-activation if
+    backward needs it; ``act``; store."""
     if HAS_BIAS:
-        b = tl.load(BIAS + offs_n * stride_bias, mask=offs_n < N, other=0.0)
-        acc += b.to(acc.dtype)[None, :]
+        if BIAS_ALONG_M:
+            b = tl.load(BIAS + offs_m * stride_bias, mask=offs_m < M, other=0.0)
+            acc += b.to(acc.dtype)[:, None]
+        else:
+            b = tl.load(BIAS + offs_n * stride_bias, mask=offs_n < N, other=0.0)
+            acc += b.to(acc.dtype)[None, :]
     if STORE_PRE:
         store_tile(PRE_OUT, acc.to(PRE_OUT.dtype.element_ty), offs_m, offs_n, stride_pom, stride_pon, M, N)
     out = apply_activation(acc, ACTIVATION)
@@ -65,12 +71,13 @@ def _load_k_step(ptrs, offs_k, k_left, K_AXIS: tl.constexpr, EVEN_K: tl.constexp
         return tl.load(ptrs, mask=mask, other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_KEY", "N_KEY", "K_KEY"])
 def linear_kernel(
     # pointers
     A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM,
     # sizes
-    M, N, K, M_BUCKET,  # M_BUCKET: autotune key only
+    M, N, K,
+    M_KEY, N_KEY, K_KEY,  # the autotuner's key and the prune's view of the sizes (unused in the kernel)
     # strides
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_pim, stride_pik,  # PRE_IN, indexed like A (prologue)
@@ -78,6 +85,7 @@ def linear_kernel(
     stride_bias,
     # constexpr flags
     HAS_BIAS: tl.constexpr,
+    BIAS_ALONG_M: tl.constexpr,  # one bias per row of C (a swapped launch computing Y^T), not per column
     PROLOGUE_ACT: tl.constexpr,  # A <- A * act'(PRE_IN): the backward's dY' = dY * act'(pre)
     EPILOGUE_ACT: tl.constexpr,  # C <- act(C + bias)
     STORE_PRE: tl.constexpr,
@@ -163,7 +171,8 @@ def linear_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     if SPLIT_K == 1:
         _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
-                        stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, EPILOGUE_ACT, STORE_PRE)
+                        stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, BIAS_ALONG_M, EPILOGUE_ACT,
+                        STORE_PRE)
         if ROW_SUM:
             if pid_n == 0:
                 tl.store(ROWSUM + offs_m, row_sum.to(ROWSUM.dtype.element_ty), mask=offs_m < M)
@@ -184,7 +193,8 @@ def linear_split_reduce_kernel(
     # strides
     stride_cm, stride_cn, stride_pom, stride_pon, stride_bias,
     # constexpr flags
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_ALONG_M: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -199,4 +209,5 @@ def linear_split_reduce_kernel(
         ptrs += M * N
         acc += tl.load(ptrs, mask=mask, other=0.0)
     _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
-                    stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, ACTIVATION, STORE_PRE)
+                    stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, BIAS_ALONG_M, ACTIVATION,
+                    STORE_PRE)
