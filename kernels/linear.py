@@ -30,17 +30,23 @@ Tiles, split-K and the autotune keys: ``linear_configs.py``.
 import triton
 import triton.language as tl
 
-from ._common import activation_grad, apply_activation, load_tile, store_tile
+from ._common import activation_grad, apply_activation, store_tile
 
 
 @triton.jit
 def _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
                     stride_cm, stride_cn, stride_pom, stride_pon, stride_bias,
-                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr):
-    """Epilogue: ``+ bias``; store the pre-activation if backward needs it; ``act``; store."""
+                    HAS_BIAS: tl.constexpr, BIAS_ALONG_M: tl.constexpr, ACTIVATION: tl.constexpr,
+                    STORE_PRE: tl.constexpr):
+    """Epilogue: ``+ bias`` (one per column, or per row in a swapped launch); store the pre-activation if
+    backward needs it; ``act``; store."""
     if HAS_BIAS:
-        b = tl.load(BIAS + offs_n * stride_bias, mask=offs_n < N, other=0.0)
-        acc += b.to(acc.dtype)[None, :]
+        if BIAS_ALONG_M:
+            b = tl.load(BIAS + offs_m * stride_bias, mask=offs_m < M, other=0.0)
+            acc += b.to(acc.dtype)[:, None]
+        else:
+            b = tl.load(BIAS + offs_n * stride_bias, mask=offs_n < N, other=0.0)
+            acc += b.to(acc.dtype)[None, :]
     if STORE_PRE:
         store_tile(PRE_OUT, acc.to(PRE_OUT.dtype.element_ty), offs_m, offs_n, stride_pom, stride_pon, M, N)
     out = apply_activation(acc, ACTIVATION)
@@ -48,11 +54,30 @@ def _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
 
 
 @triton.jit
+def _load_k_step(ptrs, offs_k, k_left, K_AXIS: tl.constexpr, EVEN_K: tl.constexpr):
+    """One K step of an operand tile through its pointer tile: unmasked when K is a whole number of
+    blocks (``EVEN_K``); else the reduction index ``offs_k`` (along axis ``K_AXIS``) is masked against the
+    ``k_left`` elements that remain, zeros beyond.
+
+    Rows and columns need no mask: the kernel wraps their indices into range (see ``linear_kernel``).
+    """
+    if EVEN_K:
+        return tl.load(ptrs)
+    else:
+        if K_AXIS == 1:
+            mask = offs_k[None, :] < k_left
+        else:
+            mask = offs_k[:, None] < k_left
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit(do_not_specialize=["M_KEY", "N_KEY", "K_KEY"])
 def linear_kernel(
     # pointers
     A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM,
     # sizes
-    M, N, K, M_BUCKET,  # M_BUCKET: autotune key only
+    M, N, K,
+    M_KEY, N_KEY, K_KEY,  # the autotuner's key and the prune's view of the sizes (unused in the kernel)
     # strides
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_pim, stride_pik,  # PRE_IN, indexed like A (prologue)
@@ -60,11 +85,13 @@ def linear_kernel(
     stride_bias,
     # constexpr flags
     HAS_BIAS: tl.constexpr,
+    BIAS_ALONG_M: tl.constexpr,  # one bias per row of C (a swapped launch computing Y^T), not per column
     PROLOGUE_ACT: tl.constexpr,  # A <- A * act'(PRE_IN): the backward's dY' = dY * act'(pre)
     EPILOGUE_ACT: tl.constexpr,  # C <- act(C + bias)
     STORE_PRE: tl.constexpr,
     ROW_SUM: tl.constexpr,  # also write sum_k A'[m, k] (db in the dW launch)
     SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # every split's share of K is whole BLOCK_K steps: no mask in the loop
     INPUT_PRECISION: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -73,6 +100,7 @@ def linear_kernel(
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). With SPLIT_K > 1, WS (SPLIT_K, M, N) and
     ROWSUM (SPLIT_K, M) receive accumulator-dtype partials and the epilogue runs in the reduce kernel.
+    The launcher sets EVEN_K when K is a multiple of every BLOCK_K it may pick.
     """
     tl.static_assert(BLOCK_K >= 16, "tl.dot needs K tiles of at least 16")
     ACC_DTYPE: tl.constexpr = tl.float64 if A.dtype.element_ty == tl.float64 else tl.float32
@@ -88,32 +116,63 @@ def linear_kernel(
     pid_m = first_m + (pid % num_in_group) % group_size
     pid_n = (pid % num_in_group) // group_size
 
-    # int64 row/column offsets: offset * stride may pass 2^31 on large tensors.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Operand rows/columns past M/N wrap around to valid ones (their products land in rows and columns
+    # the epilogue does not store), so the loop's loads need no row or column mask. Wrapped in int32
+    # (M, N < 2^31), widened to int64 before they multiply a stride: offset * stride may pass 2^31.
+    offs_am = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    offs_bn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
 
-    # This split's share of the reduction, whole BLOCK_K steps.
-    k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_s.to(tl.int64) * k_chunk
-    k_hi = tl.minimum(K, k_lo + k_chunk)
+    # This split's share of the reduction, whole BLOCK_K steps: [k_lo, k_lo + k_len).
+    if SPLIT_K == 1:
+        k_lo = 0  # a compile-time 0: no runtime base offset on the operand pointers
+        k_len = K
+    else:
+        k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = pid_s * k_chunk
+        k_len = tl.maximum(tl.minimum(K - k_lo, k_chunk), 0)  # the last splits may be empty
+
+    a_ptrs = A + (offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = B + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
+    if PROLOGUE_ACT is not None:
+        p_ptrs = PRE_IN + (offs_am[:, None] * stride_pim + offs_k[None, :] * stride_pik)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        a = load_tile(A + k * stride_ak, offs_m, offs_k, stride_am, stride_ak, M, k_hi - k)
+    # Row sums (db): for 16-bit operands on the tensor cores, as A @ E with E = [1, 0, ..., 0] in 16
+    # columns (the narrowest tl.dot): one N = 16 MMA per step instead of a cross-thread reduction of the
+    # A tile in every iteration (which doubled the loop's instructions at 128x256). Products with 1 and 0
+    # are exact; the sum is an MMA's fp32 accumulation. fp32 and fp64 reduce each A tile as before (tf32
+    # would round A; an fp32 "ieee" or fp64 dot costs 16 FMAs per element).
+    ROW_SUM_MMA: tl.constexpr = ROW_SUM and (A.dtype.element_ty == tl.float16
+                                             or A.dtype.element_ty == tl.bfloat16)
+    if ROW_SUM_MMA:
+        row_sum = tl.zeros((BLOCK_M, 16), dtype=ACC_DTYPE)
+        e0 = ((tl.zeros((BLOCK_K, 16), tl.int32) + tl.arange(0, 16)[None, :]) == 0).to(A.dtype.element_ty)
+    else:
+        row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for step in range(0, tl.cdiv(k_len, BLOCK_K)):
+        k_left = k_len - step * BLOCK_K
+        k = tl.cast(k_lo + step * BLOCK_K, tl.int64)
+        a = _load_k_step(a_ptrs + k * stride_ak, offs_k, k_left, 1, EVEN_K)
         if PROLOGUE_ACT is not None:
-            pre = load_tile(PRE_IN + k * stride_pik, offs_m, offs_k, stride_pim, stride_pik, M, k_hi - k)
+            pre = _load_k_step(p_ptrs + k * stride_pik, offs_k, k_left, 1, EVEN_K)
             # Rounded back to the operand dtype, as the unfused path's elementwise kernel would store it.
             a = (a.to(ACC_DTYPE) * activation_grad(pre.to(ACC_DTYPE), PROLOGUE_ACT)).to(A.dtype.element_ty)
-        if ROW_SUM:
+        if ROW_SUM_MMA:
+            row_sum = tl.dot(a, e0, row_sum, out_dtype=ACC_DTYPE)
+        elif ROW_SUM:
             row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
-        b = load_tile(B + k * stride_bk, offs_k, offs_n, stride_bk, stride_bn, k_hi - k, N)
+        b = _load_k_step(b_ptrs + k * stride_bk, offs_k, k_left, 0, EVEN_K)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
+    if ROW_SUM_MMA:
+        row_sum = tl.sum(row_sum, axis=1)  # column 0 plus zeros: exact
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     if SPLIT_K == 1:
         _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
-                        stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, EPILOGUE_ACT, STORE_PRE)
+                        stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, BIAS_ALONG_M, EPILOGUE_ACT,
+                        STORE_PRE)
         if ROW_SUM:
             if pid_n == 0:
                 tl.store(ROWSUM + offs_m, row_sum.to(ROWSUM.dtype.element_ty), mask=offs_m < M)
@@ -134,7 +193,8 @@ def linear_split_reduce_kernel(
     # strides
     stride_cm, stride_cn, stride_pom, stride_pon, stride_bias,
     # constexpr flags
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_ALONG_M: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -149,4 +209,5 @@ def linear_split_reduce_kernel(
         ptrs += M * N
         acc += tl.load(ptrs, mask=mask, other=0.0)
     _bias_act_store(acc, C, BIAS, PRE_OUT, offs_m, offs_n, M, N,
-                    stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, ACTIVATION, STORE_PRE)
+                    stride_cm, stride_cn, stride_pom, stride_pon, stride_bias, HAS_BIAS, BIAS_ALONG_M, ACTIVATION,
+                    STORE_PRE)

@@ -15,6 +15,7 @@ calibrated on the AOT report is in bench/GPU.md ("Linear").
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import triton
 
@@ -50,6 +51,13 @@ TILES = (
     Tile(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
     Tile(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3),
     Tile(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=3),
+    # Skinny outputs: decoding's few tokens in the columns of a swapped launch (swap_operands), narrow
+    # layers. One warp group's wgmma has 64 rows and takes 8-256 columns, so 16 or 32 columns keep
+    # each instruction full; a long K step amortises the loop over the thin tile.
+    Tile(block_m=128, block_n=32, block_k=128, num_warps=4, num_stages=3),
+    Tile(block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=4),
+    Tile(block_m=128, block_n=16, block_k=128, num_warps=4, num_stages=4),
+    Tile(block_m=64, block_n=16, block_k=128, num_warps=4, num_stages=4),
     # Last: the only tile keep() accepts for fp64 with a fused activation derivative (whose erf alone
     # takes most of the registers), and prune()'s fallback when it accepts none: 16 rows, the least
     # tl.dot takes. maxnreg=255 because ptxas otherwise caps registers to fit more blocks per SM and
@@ -60,6 +68,17 @@ TILES = (
 # Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config.
 # Small enough that test shapes such as 97 or 257 span several tiles and exercise the masks.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+
+def even_k(k: int) -> bool:
+    """Whether a reduction of length ``k`` is a whole number of steps for every ``BLOCK_K`` the launch may
+    use (the tiles above and the interpreter's): the kernel's ``EVEN_K``, which drops the K mask from the
+    loop. A launcher-side flag, not a config one: the autotuner's key would otherwise have to carry K."""
+    return k % _K_MULTIPLE == 0
+
+
+_K_MULTIPLE = math.lcm(*(t.block_k for t in TILES), INTERPRETER_CONFIG["BLOCK_K"])
 
 # Tiles of the split-K reduce kernel (memory bound: wide rows for coalescing).
 REDUCE_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128}
@@ -125,6 +144,9 @@ def keep(config, dtype_bytes, arch=DEFAULT_ARCH, flags=None):
     a_tile = bm * bk * wide / threads
     b_tile = bk * bn * wide / threads
     words = acc
+    # Operands loaded element by element keep a 64-bit address per element in the loop.
+    a_each, b_each = elementwise_operands(flags, path, arch)
+    words += ADDRESS_WORDS * (a_each * bm * bk + b_each * bk * bn) / threads
     if fma:
         words += 2 * (a_tile + b_tile)
     elif arch < 90:
@@ -138,16 +160,58 @@ def keep(config, dtype_bytes, arch=DEFAULT_ARCH, flags=None):
     return words <= _REGISTER_BUDGET[calibrated(arch)][path]
 
 
+# A kept tile has more than this fraction of its rows and of its columns filled at the key's sizes, so
+# more than half of each tensor-core instruction multiplies data. Tiles and bucketed token counts are
+# powers of two, so "more than half at the bucket" means "the tile is no taller than the bucket", which
+# keeps more than half filled for every token count of the bucket (it holds more than half the bucket).
+MIN_FILL = 0.5
+
+
+def fill(config, m, n):
+    """The fraction of the output tiles' rows and of their columns that an ``m x n`` output fills, the
+    smaller of the two: the share of each tensor-core instruction (wgmma: 64 rows per warp group and
+    BLOCK_N columns; mma.sync: 16 x 8) doing useful work."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return min(m / (triton.cdiv(m, bm) * bm), n / (triton.cdiv(n, bn) * bn))
+
+
+ADDRESS_WORDS = 1.5
+
+def elementwise_operands(args, path, arch):
+    """``(A, B)``: whether the launch loads each operand element by element rather than in 16-byte
+    vectors: when no stride is 1, when the other stride is not a multiple of 16 elements or the tensor
+    not 16-byte aligned (Triton only knows those divisibilities), and on sm_90's tf32 path when the
+    operand is not K-contiguous (wgmma reads tf32 operands K-major from shared memory: dW's A = dY^T and
+    B = X, dX's B = W). Unknown strides (``args`` without them) count as vector loads."""
+    def each(tensor, stride_k, stride_mn):
+        if stride_k is None or stride_mn is None:
+            return False
+        if path == "tc32" and arch >= 90 and stride_k != 1:
+            return True
+        other = stride_mn if stride_k == 1 else stride_k if stride_mn == 1 else None
+        aligned = getattr(tensor, "aligned", None)
+        if aligned is None and hasattr(tensor, "data_ptr") and getattr(tensor, "device", None) is not None:
+            aligned = tensor.device.type == "meta" or tensor.data_ptr() % 16 == 0
+        return other is None or other % 16 != 0 or aligned is False
+
+    return (each(args.get("A"), args.get("stride_ak"), args.get("stride_am")),
+            each(args.get("B"), args.get("stride_bk"), args.get("stride_bn")))
+
+
 def prune(configs, args, *, dtype_bytes, arch):
     """The configs the autotuner may time for one launch of ``linear_kernel``.
 
-    Those :func:`keep` accepts for the launch's flags, or the last config (the fallback tile) when it
-    accepts none. Called by the launcher's autotuner (``early_config_prune``) and by the AOT report.
+    Those :func:`keep` accepts for the launch's flags whose tiles the output fills to more than
+    :data:`MIN_FILL` (:func:`fill`, on the sizes of the autotune key ``M_KEY`` x ``N_KEY``), without the
+    tiles under 64 rows or columns where the output has 64 or more (unless only those fill it); when
+    keep() accepts some but none fills that far, the best-filled of them; when it accepts none, the last
+    config (the fallback tile). Called by the launcher's autotuner (``early_config_prune``) and by the AOT report.
 
     Args:
         configs: the autotuner's list (:func:`get_linear_configs`).
         args: the launch's arguments by kernel parameter name; the constexpr flags are read
-            (``PROLOGUE_ACT``, ``EPILOGUE_ACT``, ``ROW_SUM``, ``INPUT_PRECISION``), the rest ignored.
+            (``PROLOGUE_ACT``, ``EPILOGUE_ACT``, ``ROW_SUM``, ``INPUT_PRECISION``) and the sizes of the key
+            (``M_KEY``, ``N_KEY``; without them no tile is dropped for its fill), the rest ignored.
         dtype_bytes: element size of the operands.
         arch: compute capability of the launch's device as an int.
 
@@ -155,7 +219,43 @@ def prune(configs, args, *, dtype_bytes, arch):
         The kept configs, in list order (never empty).
     """
     kept = [c for c in configs if keep(c, dtype_bytes, arch, flags=args)]
+    m, n = args.get("M_KEY"), args.get("N_KEY")
+    if kept and m and n:
+        filled = [c for c in kept if fill(c, m, n) > MIN_FILL]
+        best = max(fill(c, m, n) for c in kept)
+        kept = ([c for c in filled if not _thin(c, m, n)] or filled
+                or [c for c in kept if fill(c, m, n) == best])
     return kept or configs[-1:]
+
+
+def _thin(config, m, n):
+    """A tile under 64 rows (columns) for an output of 64 or more: it rereads the other operand more
+    often than a 64-wide tile would, and on sm_90 runs on mma.sync (wgmma has 64 rows per warp group).
+    The skinny tiles are for skinny outputs; prune() keeps them for larger ones only when nothing else fits."""
+    return (config.kwargs["BLOCK_M"] < 64 <= m) or (config.kwargs["BLOCK_N"] < 64 <= n)
+
+
+# Swapped launches: at most this many output rows (tokens) go to the columns instead.
+SWAP_MAX_M = 32
+
+
+def swap_operands(m, n):
+    """Whether to compute ``C = A @ B`` as ``C^T = B^T @ A^T``: when C has few rows (a decoding step's
+    tokens) and enough columns. sm_90's wgmma computes 64 rows per warp group, so 16 rows would use a
+    quarter of each instruction; swapped, the columns (the layer's features) fill the 64 rows and the
+    tokens become the instruction's N (8 to 256)."""
+    return m <= SWAP_MAX_M and n >= 64
+
+
+def autotune_keys(m, n, k, tokens):
+    """``(M_KEY, N_KEY, K_KEY)``: the sizes the autotuner keys on and the prune sees. The dimension that
+    counts tokens (``tokens``: "m", "n" or "k") is bucketed (:func:`bucket`), so a new batch size
+    neither retunes nor recompiles; the feature dimensions are exact (fixed per layer)."""
+    sizes = {"m": m, "n": n, "k": k}
+    if tokens not in sizes:
+        raise ValueError(f"tokens must be 'm', 'n' or 'k', got {tokens!r}")
+    sizes[tokens] = bucket(sizes[tokens])
+    return sizes["m"], sizes["n"], sizes["k"]
 
 
 def choose_split(m, n, k, num_sms, tile=128, min_k_per_split=256, max_split=16):

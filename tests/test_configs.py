@@ -127,6 +127,46 @@ def test_linear_autotuner_prunes_with_the_config_module_for_the_device_arch(monk
     assert tuner.early_config_prune(configs, {"A": a}, **flags) == expect[80]
 
 
+def test_linear_prune_is_m_aware():
+    """Decoding sizes: every kept tile is at least half filled (each tensor-core instruction at least half
+    used); the autotune key's sizes decide, so one bucket of token counts keeps one set of tiles."""
+    configs = LC.get_linear_configs()
+    plain = {"INPUT_PRECISION": "ieee", "EPILOGUE_ACT": None, "PROLOGUE_ACT": None, "ROW_SUM": False}
+
+    def kept(arch, m, n, dtype_bytes=2, **flags):
+        return LC.prune(configs, {**plain, **flags, "M_KEY": m, "N_KEY": n}, dtype_bytes=dtype_bytes, arch=arch)
+
+    # 16 or 32 tokens run swapped: 4096 features in the rows, the tokens in the columns.
+    for arch in (80, 90):
+        for tokens in (16, 32):
+            tiles = kept(arch, 4096, tokens)
+            assert tiles and all(LC.fill(c, 4096, tokens) > LC.MIN_FILL for c in tiles)
+            assert max(c.kwargs["BLOCK_N"] for c in tiles) <= tokens
+        # 64 tokens (not swapped): 64-row tiles, which a wgmma fills.
+        tiles = kept(arch, 64, 4096)
+        assert tiles and all(c.kwargs["BLOCK_M"] <= 64 for c in tiles)
+    # Large launches keep the large tiles.
+    assert any(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 256 for c in kept(90, 4096, 4096))
+    # Nothing half filled (16 x 16 on sm_90, where every 16-bit tile has 64 rows): the best-filled ones.
+    tiles = kept(90, 16, 16)
+    best = max(LC.fill(c, 16, 16) for c in configs if LC.keep(c, 2, 90, plain))
+    assert tiles and best <= LC.MIN_FILL and all(LC.fill(c, 16, 16) == best for c in tiles)
+    # Without the sizes (a caller that does not know them) nothing is dropped for its fill.
+    assert LC.prune(configs, plain, dtype_bytes=2, arch=90) == [c for c in configs if LC.keep(c, 2, 90, plain)]
+
+
+def test_linear_swap_and_autotune_keys():
+    assert LC.swap_operands(1, 4096) and LC.swap_operands(32, 64)
+    assert not LC.swap_operands(33, 4096) and not LC.swap_operands(16, 63)
+    # The token dimension is bucketed, feature dimensions are exact.
+    assert LC.autotune_keys(17, 4096, 1000, "m") == (32, 4096, 1000)
+    assert LC.autotune_keys(4096, 17, 1000, "n") == (4096, 32, 1000)
+    assert LC.autotune_keys(300, 500, 1100, "k") == (300, 500, 2048)
+    assert LC.autotune_keys(17, 4096, 1000, "m") == LC.autotune_keys(30, 4096, 1000, "m")
+    with pytest.raises(ValueError, match="tokens must be"):
+        LC.autotune_keys(1, 2, 3, "x")
+
+
 def test_choose_split_and_bucket():
     assert LC.choose_split(4096, 4096, 4096, 132) == 1, "32 x 32 output tiles fill the GPU"
     assert LC.choose_split(64, 256, 8192, 132) == 16, "2 output tiles: split the reduction"

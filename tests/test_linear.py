@@ -152,6 +152,54 @@ def test_split_k_forward(split, dtype):
     assert_close(out, F.gelu(pre_t), ref["out"], 2, "output", floor=floor["out"])
 
 
+@pytest.mark.parametrize("k", [256, 200])
+@pytest.mark.parametrize("split", [1, 5])
+def test_even_and_ragged_k(k, split):
+    # K = 256 is a whole number of steps for every BLOCK_K (the unmasked loop); 200 is not (the K mask).
+    # Five splits of 256 or 200 leave the last splits empty (no step at all): they must add zeros.
+    assert linear_ops.configs.even_k(256) and not linear_ops.configs.even_k(200)
+    x, w, b = _inputs((37, k), 45, torch.float32, requires_grad=False)
+    out, pre = linear_ops.linear_forward(x, w, b, "gelu", True, split=split)
+    ref = testing.linear_reference(x, w, b, "gelu")
+    floor = testing.linear_bounds(x, w, b, "gelu")
+    pre_t = F.linear(x, w, b)
+    assert_close(pre, pre_t, ref["pre"], 2, "pre-activation", floor=floor["pre"])
+    assert_close(out, F.gelu(pre_t), ref["out"], 2, "output", floor=floor["out"])
+    # dW and db reduce over the 37 tokens (ragged), dX over the 45 features.
+    grad = torch.randn(37, 45, device=DEVICE)
+    dx, dw, db = linear_ops.linear_backward(grad, x, w, pre, "gelu", True, True, True, split=split)
+    ref = testing.linear_reference(x, w, b, "gelu", grad, pre=pre)
+    floor = testing.linear_bounds(x, w, b, "gelu", grad, pre=pre)
+    g_t = grad * torch.func.grad(lambda p: F.gelu(p).sum())(pre)
+    assert_close(dx, g_t @ w, ref["dx"], 3, "dx", floor=floor["dx"])
+    assert_close(dw, g_t.t() @ x, ref["dw"], 3, "dw", floor=floor["dw"])
+    assert_close(db, g_t.sum(0), ref["db"], 3, "db", floor=floor["db"])
+
+
+@pytest.mark.parametrize("act", [None, "gelu"])
+@pytest.mark.parametrize("split", [1, 3])
+def test_few_tokens_swapped(act, split):
+    # 5 tokens, 70 and 96 features: the forward and dX run swapped (out^T = b^T @ a^T, the bias one per
+    # row of the swapped output), with and without split-K; dW (tokens in K) is never swapped.
+    x, w, b = _inputs((5, 96), 70, torch.float32, requires_grad=False)
+    assert linear_ops.configs.swap_operands(5, 70) and linear_ops.configs.swap_operands(5, 96)
+    out, pre = linear_ops.linear_forward(x, w, b, act, act is not None, split=split)
+    ref = testing.linear_reference(x, w, b, act)
+    floor = testing.linear_bounds(x, w, b, act)
+    pre_t = F.linear(x, w, b)
+    assert_close(out, reference.activation_fn(pre_t, act), ref["out"], 2, "output", floor=floor["out"])
+    if act is not None:
+        assert_close(pre, pre_t, ref["pre"], 2, "pre-activation", floor=floor["pre"])
+    grad = torch.randn(5, 70, device=DEVICE)
+    dx, dw, db = linear_ops.linear_backward(grad, x, w, pre, act, True, True, True, split=split)
+    ref = testing.linear_reference(x, w, b, act, grad, pre=pre)
+    floor = testing.linear_bounds(x, w, b, act, grad, pre=pre)
+    g_t = grad if act is None else grad * torch.func.grad(lambda p: F.gelu(p).sum())(pre)
+    assert_close(dx, g_t @ w, ref["dx"], 3, "dx", floor=floor["dx"])
+    assert_close(dw, g_t.t() @ x, ref["dw"], 3, "dw", floor=floor["dw"])
+    assert_close(db, g_t.sum(0), ref["db"], 3, "db", floor=floor["db"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_split_dw_and_bias_grad(dtype):
     # Few output features over many tokens: the dW reduction (over tokens) is split.

@@ -91,6 +91,21 @@ def linear_cases() -> list[Case]:
 
         return run
 
+    def decode(m, act=None, role="fwd", k=k):
+        # Few tokens against a 4096 x k layer: the forward and dX run swapped (linear_configs.swap_operands)
+        # and split-K where the launcher splits; 64 tokens run as they are, on 64-row tiles.
+        def run(dtype, device):
+            def mk(*shape):
+                return torch.empty(shape, dtype=dtype, device=device)
+
+            x, w, b = mk(m, k), mk(n, k), mk(n)
+            if role == "fwd":
+                ops.linear_forward(x, w, b, act, store_pre=act is not None)
+            else:
+                ops.linear_backward(mk(m, n), x, w, None, None, need_dx=True, need_dw=False, need_db=False)
+
+        return run
+
     # Activations: none (a plain matmul in every role) and gelu, whose erf-based value and derivative
     # are the costliest of the supported ones to fuse; split-K (partials + the reduce kernel) in
     # forward and in dW. Bias everywhere (db is the row sum fused into dW).
@@ -107,6 +122,13 @@ def linear_cases() -> list[Case]:
         # Without a bias, dW has no fused row sums (a different specialisation).
         Case("linear", "dw-nobias", bwd(None, False, True, 1, db=False), mods, tuned),
         Case("linear", "dw-gelu-nobias", bwd("gelu", False, True, 1, db=False), mods, tuned),
+        # Decoding-sized M (the prune keeps the tiles those fill) and a K that is not a whole number of
+        # steps (the K mask in the loop: every other case has EVEN_K).
+        Case("linear", "fwd-decode16", decode(16), mods, tuned),
+        Case("linear", "fwd-gelu-decode16", decode(16, "gelu"), mods, tuned),
+        Case("linear", "dx-decode16", decode(16, role="dx"), mods, tuned),
+        Case("linear", "fwd-decode64", decode(64), mods, tuned),
+        Case("linear", "fwd-gelu-ragged-k", decode(2048, "gelu", k=1000), mods, tuned),
     ]
 
 

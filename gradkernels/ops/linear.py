@@ -68,7 +68,7 @@ def _autotuned(role: str):
     """One autotuner per role (forward, dX, dW): their best tiles differ for the same sizes."""
     return triton.autotune(
         configs=configs.get_linear_configs(),
-        key=["M_BUCKET", "N", "K", "SPLIT_K"],
+        key=["M_KEY", "N_KEY", "K_KEY", "SPLIT_K"],
         prune_configs_by={"early_config_prune": _prune},
     )(kernels.linear_kernel)
 
@@ -83,6 +83,7 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
         pre_in: (M, K) pre-activation indexed like ``a``; ``a`` is scaled by ``act'(pre_in)`` on load.
         row_sum: (M,) receives the row sums of the scaled ``a`` (the bias gradient).
         split: how many ways the K reduction is split (deterministic partials + reduce).
+        role: "fwd", "dx" (tokens in M) or "dw" (tokens in K): one autotuner per role.
     """
     m, k = a.shape
     n = b.shape[1]
@@ -90,6 +91,14 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
         if row_sum is not None:
             row_sum.zero_()
         return out
+    tokens = "k" if role == "dw" else "m"
+    # Few tokens: compute out^T = b^T @ a^T (views only), the bias one per row (configs.swap_operands).
+    # Not with a prologue or row sums, which belong to a's rows.
+    swap = tokens == "m" and pre_in is None and row_sum is None and configs.swap_operands(m, n)
+    if swap:
+        a, b, out = b.t(), a.t(), out.t()
+        pre_out = None if pre_out is None else pre_out.t()
+        m, n, tokens = n, m, "n"
     acc_dtype = accumulator_dtype(a.dtype)
     split = max(1, min(split, triton.cdiv(k, 16))) if k > 0 else 1
     ws = torch.empty((split, m, n), device=a.device, dtype=acc_dtype) if split > 1 else None
@@ -100,39 +109,39 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
     pre_out_strides = pre_out.stride() if pre_out is not None else (0, 0)
     args = (
         a, b, out, bias, pre_in, pre_out, ws, rs,
-        m, n, k, configs.bucket(m),
+        m, n, k, *configs.autotune_keys(m, n, k, tokens),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         *pre_in_strides, *pre_out_strides, bias.stride(0) if bias is not None else 0,
     )
     flags = dict(
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None and split == 1,
+        BIAS_ALONG_M=swap,
         PROLOGUE_ACT=prologue_act,
         EPILOGUE_ACT=epilogue_act if split == 1 else None,
         STORE_PRE=pre_out is not None and split == 1,
         ROW_SUM=row_sum is not None,
         SPLIT_K=split,
+        EVEN_K=configs.even_k(k),
         INPUT_PRECISION=_device.dot_precision(a.dtype, a.device),
     )
-    if split > 1:
-        flags["HAS_BIAS"] = False
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
 
     if _device.use_autotune():
-        _autotuned(role)[grid](*args, **flags)
+        _autotuned(role + ("-swapped" if swap else ""))[grid](*args, **flags)
     else:
         kernels.linear_kernel[grid](*args, **flags, **configs.INTERPRETER_CONFIG)
 
     if split > 1:
-        _split_reduce(ws, out, bias, pre_out, epilogue_act, split)
+        _split_reduce(ws, out, bias, pre_out, epilogue_act, split, bias_along_m=swap)
         if row_sum is not None:
             # (split, M) partials read as (split, 1, M): one output row of M columns.
             _split_reduce(rs.view(split, 1, m), row_sum.view(1, m), None, None, None, split)
-    return out
+    return out.t() if swap else out
 
 
-def _split_reduce(ws, out, bias, pre_out, activation, split):
+def _split_reduce(ws, out, bias, pre_out, activation, split, bias_along_m=False):
     _, m, n = ws.shape
     cfg = configs.REDUCE_CONFIG
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
@@ -140,7 +149,8 @@ def _split_reduce(ws, out, bias, pre_out, activation, split):
     kernels.linear_split_reduce_kernel[grid](
         ws, out, bias, pre_out, m, n, out.stride(0), out.stride(1), *pre_strides,
         bias.stride(0) if bias is not None else 0,
-        HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PRE=pre_out is not None, SPLIT_K=split,
+        HAS_BIAS=bias is not None, BIAS_ALONG_M=bias_along_m, ACTIVATION=activation, STORE_PRE=pre_out is not None,
+        SPLIT_K=split,
         num_warps=configs.REDUCE_WARPS, **cfg,
     )
 
