@@ -87,7 +87,8 @@ def test_pruned_configs_are_the_launchers_prune_for_each_arch(dtype, nbytes):
             kept = [check.config_label(c) for c in configs if LC.keep(c, nbytes, arch, flags=f)]
             candidates.append(set(kept or [check.config_label(configs[-1])]))
         got = {r.config for r in rows if not r.pruned}
-        assert got in candidates, (arch, got, candidates)
+        # prune() may narrow keep()'s list further to the tiles the output fills (test_configs checks how).
+        assert got and any(got <= c for c in candidates), (arch, got, candidates)
         assert all((r.job is None) == r.pruned for r in rows)
         picked[arch] = got
     assert all(len(k) < len(configs) for k in picked.values())

@@ -247,16 +247,17 @@ def test_perf_cli_json_and_compare(tmp_path):
     out = tmp_path / "perf.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
     args = [sys.executable, "-m", "gradkernels.aot", "perf", "--arch", "90", "--kernel", "linear_fwd", "--dtype",
-            "fp16", "--case", "perf-linear-m16-fwd", "--config", "64x64x32x8 w4 s3", "--jobs", "1"]
+            "fp16", "--case", "perf-linear-m16-fwd", "--config", "64x16x128x8 w4 s4", "--jobs", "1"]
     proc = subprocess.run(args + ["--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["triton"] == triton.__version__ and data["archs"] == [90] and data["model"]["90"]["sms"] == 132
     rows = data["rows"]
-    assert len(rows) == 1 and rows[0]["kernel"] == "linear_fwd" and rows[0]["m"] == 16
-    assert rows[0]["config"] == "64x64x32x8 w4 s3" and rows[0]["picked"], "picked among the compiled configs"
-    assert rows[0]["split_k"] > 1, "16 rows cannot fill the GPU: the launcher splits K"
-    assert rows[0]["useful_rows"] == 16 / 64 and rows[0]["programs"] == 64 * rows[0]["split_k"]
+    # 16 tokens run swapped: the 4096 features in the kernel's rows, the tokens in its 16 columns.
+    assert len(rows) == 1 and rows[0]["kernel"] == "linear_fwd" and (rows[0]["m"], rows[0]["n"]) == (4096, 16)
+    assert rows[0]["config"] == "64x16x128x8 w4 s4" and rows[0]["picked"], "picked among the compiled configs"
+    assert rows[0]["split_k"] > 1, "64 output tiles cannot fill the GPU: the launcher splits K"
+    assert rows[0]["useful_rows"] == 1.0 and rows[0]["programs"] == 64 * rows[0]["split_k"]
     doctored = dict(data, rows=[dict(r, regs=r["regs"] - 1) for r in rows])
     worse_file = tmp_path / "recorded.json"
     worse_file.write_text(json.dumps(doctored))

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..kernels import linear_configs
 from . import sass
 from .cases import Case, perf_cases
 from .check import Row, config_label, judge
@@ -323,8 +324,12 @@ def row_record(r: PerfRow, triton_version: str) -> dict:
                    group=a.get("GROUP"))
         if "COMPUTE_DK" in a:
             rec["computes"] = "+".join(g for g, f in (("dk", a["COMPUTE_DK"]), ("dv", a["COMPUTE_DV"])) if f)
-    rows, block = _rows_of_launch(r)
-    rec["useful_rows"] = round(min(rows, block) / block, 3) if rows and block else None
+    if r.launch.kernel == "linear_kernel" and a.get("M") and a.get("N"):
+        # Rows and columns: a swapped launch (few tokens) has its skinny side in the columns.
+        rec["useful_rows"] = round(linear_configs.fill(r.config, a["M"], a["N"]), 3)
+    else:
+        rows, block = _rows_of_launch(r)
+        rec["useful_rows"] = round(min(rows, block) / block, 3) if rows and block else None
     programs = _programs(r.launch, r.config)
     rec["programs"] = programs
     rec["sms"] = machine(r.arch).sms
