@@ -50,7 +50,24 @@ for sm_80/sm_90 need both.
 Tiles: ``attention_configs.py`` (the tile lists, and ``keep()``/``prune()``, which accept the tiles of the
 generated ``attention_tiles.CLEAN_TILES``: those that compiled clean in the AOT report).
 
-Limits: no dropout, no arbitrary attention mask, no sliding window, no fp8. The fp64 backward at
+Features (``gradkernels.ops.attention_features`` has the semantics), each a constexpr flag of the three
+kernels, off in a plain launch, which then compiles to exactly the code above (same SASS):
+
+- ``IS_VARLEN``: packed sequences, one launch for the batch. The grid's "batch" is the sequence; each
+  program reads its sequence's start and length from ``cu_seqlens`` (query/key blocks past the end do
+  nothing), and the diagonal, causal offset and window are per sequence.
+- ``HAS_LEFT``: a sliding window's left side (``j >= i + LEFT_OFFSET``; the right side is the causal offset).
+  The forward and dQ kernels visit only key blocks that intersect the window (masked at both edges,
+  unmasked between), the dK/dV kernel only query blocks that do: O(L * window) work.
+- ``HAS_SOFTCAP`` / ``HAS_ALIBI``: the scores go through ``_mod_scores`` (``softcap * tanh(s / softcap)``,
+  then ``- slope * |j - i - diag|``) in the base-2 domain, before the row maximum; the backward calls the
+  same function on the same operands, so its P is the forward's, and multiplies dS by ``1 - tanh^2``.
+  The LSE residual scheme is kept: ``P = exp2((s2 - hi) - lo)``.
+- ``HAS_DROPOUT``: the keep-mask of ``kernels/dropout.py`` (a function of seed, offset, batch or sequence,
+  head and positions only) applied to P after the row sum in the forward, regenerated in the backward:
+  ``dV = (P Z)^T dO``, ``dP = (dO V^T) Z``; Delta = rowsum(dO * O) stays right (O already has Z).
+
+Limits: no arbitrary attention mask, no fp8. The fp64 backward at
 D > 128 needs more than the ~100 KB of shared memory of sm_86/sm_89 parts (no config fits there).
 The dK/dV kernel's parallelism is B * Hkv * cdiv(Lk, BLOCK_N) programs, so MQA on very few heads and short keys may not
 fill a large GPU.
