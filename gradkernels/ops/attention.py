@@ -101,7 +101,7 @@ def _prune(kernel, tiles, named_args, **flags):
                          arch=_device.device_arch(q.device))
 
 
-_FEATURE_FLAGS = ("IS_VARLEN", "HAS_LEFT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT")
+_FEATURE_FLAGS = configs.FEATURE_FLAGS
 _KEYS = ["LQ_BUCKET", "LK_BUCKET", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "INPUT_PRECISION", *_FEATURE_FLAGS]
 
 
