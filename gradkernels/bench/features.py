@@ -54,7 +54,7 @@ def _kernels_run(q: torch.Tensor, varlen: bool, **features) -> None:
         raise Unavailable(f"no Triton backend for {q.dtype} on {q.device.type} here")
     f = attention_features.Features(**features)
     if not attention_features.features_supported_by_kernels(q, f, varlen=varlen):
-        raise Unavailable("the kernels do not have this feature yet (the call runs the torch twin)")
+        raise Unavailable("the routing hook sends this call to the torch twin, not the kernels")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ Semantics (shared by every backend; ``i`` a query position, ``j`` a key position
 - Dropout: the probabilities are multiplied by ``keep / (1 - p)`` with the keep-mask of
   :mod:`gradkernels.dropout` (a function of seed, offset, b, h, i, j), regenerated in the backward.
 
-Launchers (``gradkernels.ops.attention``, F1) and their torch twins (``gradkernels.reference``) take
+Launchers (``gradkernels.ops.attention``: the attention kernels' feature flags) and their torch twins (``gradkernels.reference``) take
 these as a :class:`Features` record; the custom ops take its fields flat.
 """
 
