@@ -23,8 +23,8 @@ Ops (namespace ``gradkernels``):
 
 The plain ops never see a feature: a call without one keeps its route unchanged. The feature ops ask
 :func:`gradkernels.ops.attention_features.features_supported_by_kernels` (the routing hook) whether the
-launchers run the call; until the kernels have the features, the torch twins run inside the same ops on
-every backend.
+launchers run the call (today: every feature call on the "triton" and "interpreter" backends); otherwise
+the torch twins run inside the same ops.
 
 Each op runs the launcher of :mod:`gradkernels.ops` on the ``"triton"`` and ``"interpreter"`` backends,
 and the same-contract torch function of :mod:`gradkernels.reference` on the ``"torch"`` backend

@@ -223,13 +223,26 @@ def backward_precision(input_precision, head_dim, head_dim_v):
     return input_precision
 
 
-def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True):
+# The kernels' feature flags (window, softcap, ALiBi, dropout, varlen): a launch with any of them compiles
+# to more code than a plain one, and its clean tiles are listed under their own variant.
+FEATURE_FLAGS = ("IS_VARLEN", "HAS_LEFT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT")
+
+
+def has_features(args):
+    """Whether a launch's arguments (kernel parameter name -> value) turn on any feature flag."""
+    return any(bool(args.get(flag)) for flag in FEATURE_FLAGS)
+
+
+def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True, features=False):
     """The key of ``CLEAN_TILES`` a launch is checked under: "fwd", "dq", "dkdv" or, for dK/dV launches
-    with one accumulator at head dims above 128 (:func:`wide_heads`), "dkdv_dk" / "dkdv_dv"."""
+    with one accumulator at head dims above 128 (:func:`wide_heads`), "dkdv_dk" / "dkdv_dv"; with
+    ``features`` (:func:`has_features`) the same name + "_features" (those launches spill with more tiles,
+    which must not shrink the plain launches' list)."""
     _check_kernel(kernel)
+    variant = kernel
     if kernel == "dkdv" and wide_heads(head_dim, head_dim_v) and not (compute_dk and compute_dv):
-        return "dkdv_dk" if compute_dk else "dkdv_dv"
-    return kernel
+        variant = "dkdv_dk" if compute_dk else "dkdv_dv"
+    return variant + "_features" if features else variant
 
 
 def attn_smem_bytes(kernel, block_m, block_n, block_d, block_dv, num_stages, dtype_bytes):
@@ -265,7 +278,7 @@ def hopeless(config, kernel, head_dim, head_dim_v, dtype_bytes, input_precision=
 
 
 def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_dim_v=None, input_precision=None,
-         compute_dk=True, compute_dv=True):
+         compute_dk=True, compute_dv=True, features=False):
     """Whether the autotuner may try an attention config for this launch.
 
     The config's tile must be listed in ``CLEAN_TILES`` (kernels/attention_tiles.py, generated from an
@@ -286,6 +299,8 @@ def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_di
         input_precision: the launch's ``INPUT_PRECISION`` ("tf32" or "ieee"); decides the path of fp32
             inputs. None: "ieee" (torch's default for fp32 matmuls).
         compute_dk, compute_dv: the dK/dV launch's ``COMPUTE_DK`` / ``COMPUTE_DV`` (see :func:`wide_heads`).
+        features: the launch has a feature flag on (:func:`has_features`): its own variant of the table,
+            or the plain one where the table has none yet.
     """
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
@@ -295,9 +310,11 @@ def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_di
     smem = attn_smem_bytes(kernel, tile.block_m, tile.block_n, bd, bdv, tile.num_stages, dtype_bytes)
     if arch not in CALIBRATED and smem > limits(arch).smem_per_block:
         return False
-    variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv)
-    tiles = (CLEAN_TILES.get(calibrated(arch), {}).get(variant, {})
-             .get(matmul_path(dtype_bytes, input_precision), {}).get(max(64, bd, bdv), ()))
+    table = CLEAN_TILES.get(calibrated(arch), {})
+    variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv, features)
+    if variant not in table:  # a table generated before the feature variants: the plain launch's list
+        variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv)
+    tiles = table.get(variant, {}).get(matmul_path(dtype_bytes, input_precision), {}).get(max(64, bd, bdv), ())
     return dataclasses.astuple(tile) in tiles
 
 
@@ -317,7 +334,8 @@ def prune(configs, args, *, kernel, dtype_bytes, arch):
     Args:
         configs: the autotuner's list for ``kernel``.
         args: the launch's arguments by kernel parameter name: ``HEAD_D``, ``HEAD_DV``, ``LQ_BUCKET``,
-            ``LK_BUCKET``, ``INPUT_PRECISION`` and, for "dkdv", ``COMPUTE_DK`` / ``COMPUTE_DV`` are read.
+            ``LK_BUCKET``, ``INPUT_PRECISION``, the feature flags and, for "dkdv", ``COMPUTE_DK`` /
+            ``COMPUTE_DV`` are read.
         kernel: "fwd", "dkdv" or "dq".
         dtype_bytes: element size of Q.
         arch: compute capability of the launch's device as an int.
@@ -328,7 +346,7 @@ def prune(configs, args, *, kernel, dtype_bytes, arch):
     kept = [c for c in configs
             if keep(c, args["HEAD_D"], dtype_bytes, arch, kernel=kernel, head_dim_v=args["HEAD_DV"],
                     input_precision=args.get("INPUT_PRECISION"), compute_dk=args.get("COMPUTE_DK", True),
-                    compute_dv=args.get("COMPUTE_DV", True))]
+                    compute_dv=args.get("COMPUTE_DV", True), features=has_features(args))]
     rows = "BLOCK_M" if kernel != "dkdv" else "BLOCK_N"
     length = args["LQ_BUCKET"] if kernel != "dkdv" else args["LK_BUCKET"]
     if kept:

@@ -29,10 +29,14 @@ def test_attention_tile_table_lists_tiles_clean_in_every_launch(tmp_path):
             row(90, dkdv, "fp32-tf32", 256, (16, 32, 8, 2), COMPUTE_DK=True, COMPUTE_DV=False, INPUT_PRECISION="ieee"),
             row(90, dkdv, "fp32-tf32", 256, (16, 64, 8, 2), ["spills"], COMPUTE_DK=True, COMPUTE_DV=False,
                 INPUT_PRECISION="ieee"),
+            # Launches with feature flags: their own variant; their spills leave the plain list alone.
+            row(90, fwd, "fp16", 128, (128, 64, 8, 3), ["spills"], HAS_DROPOUT=True, IS_VARLEN=True),
+            row(90, fwd, "fp16", 128, (64, 64, 4, 3), HAS_SOFTCAP=True),
             {"arch": 90, "kernel": "attn_bwd_preprocess_kernel", "dtype": "fp16", "result": {}, "failures": [],
              "constexprs": {"BLOCK_M": 64}, "options": {"num_warps": 4}}]
     table = tiles.attention_tile_table(rows)
     assert table[90]["fwd"]["tc16"][128] == [(128, 64, 8, 3, None)]
+    assert table[90]["fwd_features"]["tc16"][128] == [(64, 64, 4, 3, None)]
     assert table[80]["fwd"]["fma64"][64] == [(16, 16, 8, 1, 255)]
     assert table[80]["dkdv_dv"]["fma32"][256] == [(16, 64, 8, 2, None)]
     assert table[80]["dkdv"]["tc32"][64] == [(32, 64, 4, 3, None)]

@@ -7,9 +7,9 @@ and ``gradkernels.testing.torch_attention`` (composed torch ops, independent of 
 ``gradkernels.reference`` that run these calls today) in the dtype under test; the floor
 is ``testing.attention_bounds`` with the features' terms. Dropout: both oracles use the keep-mask of the
 call's seed, materialised by ``gradkernels.dropout_mask`` (the mask itself is tested in
-test_dropout.py). Until the kernels gain the features (routing hook
-``ops.attention_features.features_supported_by_kernels``), these calls run the torch twin inside the
-same custom ops; the same tests then check the kernels.
+test_dropout.py). These calls run wherever the routing hook
+``ops.attention_features.features_supported_by_kernels`` sends them: the Triton kernels (the interpreter
+on CPU), or the torch twin on the torch backend; test_attention_features_kernels.py checks the route.
 """
 
 import math

@@ -257,6 +257,30 @@ def test_tile_table_matches_the_config_lists_and_the_rules():
             assert area(kernel, 256, 2, arch) <= area(kernel, 64, 2, arch)
 
 
+def test_feature_launches_have_their_own_tile_variant(monkeypatch):
+    """Launches with feature flags are checked under "<variant>_features", so their spills do not shrink the
+    plain launches' lists; a table without that variant (generated before the feature cases) gives them
+    the plain list."""
+    assert AC.tile_variant("fwd", 64, 64, features=True) == "fwd_features"
+    assert AC.tile_variant("dkdv", 256, 256, compute_dv=False, features=True) == "dkdv_dk_features"
+    assert AC.has_features({"HAS_DROPOUT": True}) and AC.has_features({"IS_VARLEN": True, "HAS_LEFT": False})
+    assert not AC.has_features({"IS_CAUSAL": True, "HEAD_D": 64, "HAS_ALIBI": False})
+    tile = AC.Tile(64, 64, 4, 2)
+    table = {90: {"fwd": {"tc16": {64: (dataclasses.astuple(tile),)}}}}
+    monkeypatch.setattr(AC, "CLEAN_TILES", table)
+    assert AC.keep(tile.config(), 64, 2, 90, kernel="fwd", features=True)
+    table[90]["fwd_features"] = {"tc16": {64: ()}}
+    assert not AC.keep(tile.config(), 64, 2, 90, kernel="fwd", features=True)
+    assert AC.keep(tile.config(), 64, 2, 90, kernel="fwd")
+    small = AC.Tile(32, 32, 4, 2)
+    table[90]["fwd_features"] = {"tc16": {64: (dataclasses.astuple(small),)}}
+    configs = [tile.config(), small.config()]
+    args = {"HEAD_D": 64, "HEAD_DV": 64, "LQ_BUCKET": 1024, "LK_BUCKET": 1024}
+    assert [AC.Tile.of(c) for c in AC.prune(configs, args, kernel="fwd", dtype_bytes=2, arch=90)] == [tile]
+    assert [AC.Tile.of(c) for c in AC.prune(configs, dict(args, HAS_SOFTCAP=True), kernel="fwd", dtype_bytes=2,
+                                            arch=90)] == [small]
+
+
 def test_variants_precision_and_split_rules():
     assert AC.tile_variant("dkdv", 64, 64) == "dkdv" and AC.tile_variant("dkdv", 64, 64, compute_dv=False) == "dkdv"
     assert AC.tile_variant("dkdv", 256, 256, compute_dv=False) == "dkdv_dk"

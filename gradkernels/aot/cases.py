@@ -196,6 +196,36 @@ def attention_cases() -> list[Case]:
     def case(name, run):
         return Case("attention", name, run, (ops,), tuned_kernels, fixed)
 
+    def features_tensors(dtype, device, d):
+        from ..ops.attention_features import Features
+
+        total = b * length
+        q = torch.empty((total, hq, d), dtype=dtype, device=device)
+        k = torch.empty((total, hkv, d), dtype=dtype, device=device)
+        v = torch.empty((total, hkv, d), dtype=dtype, device=device)
+        cu = torch.empty((b + 1,), dtype=torch.int32, device=device)
+        slopes = torch.empty((b, hq), dtype=torch.float32, device=device)
+        rng = torch.empty((2,), dtype=torch.int64, device=device)
+        features = Features(window_left=256, window_right=0, softcap=30.0, alibi_slopes=slopes, dropout_p=0.1,
+                            rng_state=rng)
+        return q, k, v, cu, features
+
+    def features_fwd(d):
+        def run(dtype, device):
+            q, k, v, cu, features = features_tensors(dtype, device, d)
+            ops.attention_varlen_forward(q, k, v, cu, cu, length, length, d**-0.5, features)
+
+        return run
+
+    def features_bwd(d):
+        def run(dtype, device):
+            q, k, v, cu, features = features_tensors(dtype, device, d)
+            lse = torch.empty((hq, q.shape[0]), dtype=ops.accumulator_dtype(dtype), device=device)
+            ops.attention_varlen_backward(torch.empty_like(q), q, k, v, torch.empty_like(q), lse, torch.empty_like(lse),
+                                          cu, cu, length, length, d**-0.5, features)
+
+        return run
+
     cases = []
     # Head dims: the common 64 and 128, the largest supported (256), and 80, which is not a power of
     # two (masked head-dim loads). Causal launches contain the non-causal code (unmasked blocks) too.
@@ -207,6 +237,10 @@ def attention_cases() -> list[Case]:
     for d in (64, 80, 256):
         cases += [case(f"attn-short-fwd-d{d}", fwd(d, True, 1, length)),
                   case(f"attn-short-bwd-d{d}", bwd(d, True, 16, 16))]
+    # Every feature at once (the costliest specialisation: varlen, causal + window, softcap, ALiBi, dropout),
+    # at D = 64 and 128. A launch with fewer features compiles to a subset of this code.
+    for d in (64, 128):
+        cases += [case(f"attn-feat-fwd-d{d}", features_fwd(d)), case(f"attn-feat-bwd-d{d}", features_bwd(d))]
     return cases
 
 

@@ -27,7 +27,8 @@ def attention_tile_table(rows: Sequence[dict]) -> dict:
     ``rows`` are report rows as JSON (``check --json``; several reports may be concatenated). A tile is
     listed for (calibrated arch, kernel variant, matmul path, head-dim block) when every compiled row of
     it there passed (fp16 and bf16 share the "tc16" path; D = 80 and 128 share the 128 block) and is left
-    out when any failed. Variants are ``attention_configs.tile_variant``'s; the path is the launch's own
+    out when any failed. Variants are ``attention_configs.tile_variant``'s (launches with feature flags
+under their own "_features" variants); the path is the launch's own
     (the launcher runs some fp32-tf32 launches in "ieee"). A tile is the tuple of an
     ``attention_configs.Tile``'s fields: ``(block_m, block_n, num_warps, num_stages, maxnreg)``.
     """
@@ -38,7 +39,7 @@ def attention_tile_table(rows: Sequence[dict]) -> dict:
             continue
         c, o = r["constexprs"], r["options"]
         variant = attention_configs.tile_variant(kernel, c["HEAD_D"], c["HEAD_DV"], c.get("COMPUTE_DK", True),
-                                                 c.get("COMPUTE_DV", True))
+                                                 c.get("COMPUTE_DV", True), attention_configs.has_features(c))
         path = matmul_path(DTYPES[r["dtype"]].nbytes, c.get("INPUT_PRECISION"))
         block_d = max(64, c["BLOCK_D"], c["BLOCK_DV"])
         tile = attention_configs.Tile(c["BLOCK_M"], c["BLOCK_N"], o["num_warps"], o["num_stages"], o.get("maxnreg"))

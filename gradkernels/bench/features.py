@@ -24,10 +24,10 @@ Memory (``case="saved-varlen"``, any device): bytes saved for backward by the pa
 paths, measured with ``saved_tensors_hooks`` (``gradkernels-varlen`` against its analytic model, to the
 byte); on a GPU also the peak of forward+backward (``case="peak"``).
 
-Until the kernels implement the features (the routing hook
-``gradkernels.ops.attention_features.features_supported_by_kernels``), the gradkernels providers here run
-the torch twin inside the custom ops: their timings would measure that fallback, so they are reported
-as unavailable for timing then (the correctness checks and saved-bytes models still run).
+The gradkernels providers are timed only where the routing hook
+``gradkernels.ops.attention_features.features_supported_by_kernels`` sends the call to the kernels (every
+feature call today); a call it sent to the torch twin would be reported unavailable for timing (the
+correctness checks and saved-bytes models still run), so no time of a fallback is shown as the kernels'.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _kernels_run(q: torch.Tensor, varlen: bool, **features) -> None:
         raise Unavailable(f"no Triton backend for {q.dtype} on {q.device.type} here")
     f = attention_features.Features(**features)
     if not attention_features.features_supported_by_kernels(q, f, varlen=varlen):
-        raise Unavailable("the kernels do not have this feature yet (the call runs the torch twin)")
+        raise Unavailable("the routing hook sends this call to the torch twin, not the kernels")
 
 
 # ----------------------------------------------------------------------------------------------------

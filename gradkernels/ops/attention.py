@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -100,7 +101,8 @@ def _prune(kernel, tiles, named_args, **flags):
                          arch=_device.device_arch(q.device))
 
 
-_KEYS = ["LQ_BUCKET", "LK_BUCKET", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "INPUT_PRECISION"]
+_FEATURE_FLAGS = configs.FEATURE_FLAGS
+_KEYS = ["LQ_BUCKET", "LK_BUCKET", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "INPUT_PRECISION", *_FEATURE_FLAGS]
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,12 +125,55 @@ def _launch(kernel, fn, grid, args, flags, pinned):
         fn[grid](*args, **flags, **pinned)
 
 
-def _flags(q, d, dv, causal_offset):
+def _flags(q, d, dv, causal_offset, feature_flags=None):
     return dict(
         HEAD_D=d, HEAD_DV=dv, IS_CAUSAL=causal_offset is not None,
         INPUT_PRECISION=_device.dot_precision(q.dtype, q.device),
         BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
+        **(feature_flags or _PLAIN_FLAGS),
     )
+
+
+# The kernels' feature arguments (CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, SOFTCAP, DROPOUT_P, LEFT_OFFSET, DIAG,
+# THRESHOLD, stride_ab, stride_ah) and flags of a plain launch: every feature off, which compiles to the
+# kernels' plain code.
+_PLAIN_ARGS = (None, None, None, None, 0.0, 0.0, 0, 0, 0, 0, 0)
+_PLAIN_FLAGS = {name: False for name in _FEATURE_FLAGS}
+
+
+class _Launch(NamedTuple):
+    """What a launch with features adds: the kernels' feature arguments and flags, and the plain
+    ``causal_offset`` (the window's right side; relative to each sequence's diagonal for varlen)."""
+
+    args: tuple
+    flags: dict
+    causal_offset: Optional[int]
+
+
+def _feature_launch(features, diag, *, cu_seqlens_q=None, cu_seqlens_k=None) -> _Launch:
+    """The kernel arguments of ``features`` (a :class:`~gradkernels.ops.attention_features.Features`).
+
+    Dense: ``diag`` is the diagonal (``Lk - Lq`` bottom-right); varlen (``cu_seqlens_*`` given): 0, and the
+    kernels add each sequence's ``Lk - Lq``. Window ``(left, right)``: visible iff
+    ``diag - left <= j - i <= diag + right``, i.e. ``CAUSAL_OFFSET = diag + right`` (IS_CAUSAL; none for
+    ``right = -1``) and ``LEFT_OFFSET = diag - left`` (HAS_LEFT; none for ``left = -1``).
+    """
+    from .. import dropout as dropout_rng
+
+    varlen = cu_seqlens_q is not None
+    left, right = features.window_left, features.window_right
+    slopes = features.alibi_slopes
+    p = features.dropout_p
+    args = (
+        cu_seqlens_q, cu_seqlens_k, slopes, features.rng_state if p > 0 else None,
+        float(features.softcap), float(p), diag - left if left >= 0 else 0, diag,
+        dropout_rng.threshold_bits(p) if p > 0 else 0,
+        slopes.stride(0) if slopes is not None and slopes.dim() == 2 else 0,
+        slopes.stride(-1) if slopes is not None else 0,
+    )
+    flags = dict(IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_SOFTCAP=features.softcap > 0,
+                 HAS_ALIBI=slopes is not None, HAS_DROPOUT=p > 0)
+    return _Launch(args, flags, None if right < 0 else diag + right)
 
 
 def _sign_folded(q, scale):
@@ -185,7 +230,7 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None, lse_
         large logits.
     """
     b, h, lq, d = q.shape
-    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    lk, dv = k.shape[2], v.shape[3]
     if out is None:
         out = empty_out(q, dv)
     if lse is None:
@@ -196,20 +241,32 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None, lse_
         raise ValueError(f"lse_lo must have the strides of lse {lse.stride()}, got {lse_lo.stride()}")
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse, lse_lo
+    _forward(q, k, v, out, lse, lse_lo, scale, _Launch(_PLAIN_ARGS, _PLAIN_FLAGS, causal_offset),
+             b, lq, lk, q.stride(), k.stride(), v.stride(), out.stride(), lse.stride())
+    return out, lse, lse_lo
+
+
+def _forward(q, k, v, out, lse, lse_lo, scale, launch, b, lq, lk, q_strides, k_strides, v_strides, o_strides,
+             l_strides):
+    """One launch of ``attn_fwd_kernel`` over ``b`` (batch or sequences) x heads x query blocks of ``lq``;
+    strides in the kernel's (batch, head, row, dim) order."""
+    h, d = q.shape[-2] if launch.flags["IS_VARLEN"] else q.shape[1], q.shape[-1]
+    hkv = k.shape[-2] if launch.flags["IS_VARLEN"] else k.shape[1]
+    dv = v.shape[-1]
     q, scale = _sign_folded(q, scale)
+    causal_offset = launch.causal_offset
     args = (
         q, k, v, out, lse, lse_lo, float(scale),
         h, h // hkv, lq, lk, 0 if causal_offset is None else int(causal_offset),
         configs.seqlen_bucket(lq), configs.seqlen_bucket(lk),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *q_strides, *k_strides, *v_strides, *o_strides, *l_strides, *launch.args,
     )
 
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
-    _launch("fwd", kernels.attn_fwd_kernel, grid, args, _flags(q, d, dv, causal_offset),
+    _launch("fwd", kernels.attn_fwd_kernel, grid, args, _flags(q, d, dv, causal_offset, launch.flags),
             configs.INTERPRETER_FWD_CONFIG)
-    return out, lse, lse_lo
 
 
 def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, *, need_dq=True, need_dk=True,
@@ -229,9 +286,25 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
         ``(dq, dk, dv)`` with None for the gradients not asked for. dK and dV of a kv head are summed
         over its query-head group. Deterministic: no atomics, bitwise identical from run to run.
     """
-    b, h, lq, d = q.shape
-    hkv, lk, dvdim = k.shape[1], k.shape[2], v.shape[3]
-    need_kv = need_dk or need_dv
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    dq, dk, dv, done = _gradient_buffers(q, k, v, need_dq, need_dk, need_dv, dq, dk, dv, lq == 0 or b * h == 0 or lk == 0)
+    if done:
+        return dq, dk, dv
+    if lse_lo.stride() != lse.stride():
+        raise ValueError(f"lse_lo must have the strides of lse {lse.stride()}, got {lse_lo.stride()}")
+    if delta is None:
+        delta = torch.empty((b, h, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
+    _backward(grad_out, q, k, v, out, lse, lse_lo, scale, _Launch(_PLAIN_ARGS, _PLAIN_FLAGS, causal_offset),
+              dq, dk, dv, delta, b, lq, lk, (b, lq, out.stride(), grad_out.stride(), delta.stride()),
+              (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *delta.stride()),
+              lambda t: t.stride())
+    return dq, dk, dv
+
+
+def _gradient_buffers(q, k, v, need_dq, need_dk, need_dv, dq, dk, dv, empty):
+    """``(dq, dk, dv, done)``: the buffers asked for (allocated where not given), None for the others; done
+    (all zeroed) when nothing needs computing."""
     if need_dq and dq is None:
         dq = torch.empty_like(q)
     if need_dk and dk is None:
@@ -244,54 +317,67 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
         dk = None
     if not need_dv:
         dv = None
-    if not (need_dq or need_kv):
-        return dq, dk, dv
-    if lq == 0 or b * h == 0 or lk == 0:
+    if not (need_dq or need_dk or need_dv):
+        return dq, dk, dv, True
+    if empty:
         # Nothing to recompute: every row is empty (Lk = 0) or there is no row (Lq = 0).
         for t in (dq, dk, dv):
             if t is not None:
                 t.zero_()
-        return dq, dk, dv
-    if lse_lo.stride() != lse.stride():
-        raise ValueError(f"lse_lo must have the strides of lse {lse.stride()}, got {lse_lo.stride()}")
+        return dq, dk, dv, True
+    return dq, dk, dv, False
+
+
+def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, delta, b, lq, lk, pre, in_strides,
+              kernel_strides):
+    """The Delta preprocess, the dK/dV kernel and the dQ kernel over ``b`` x heads x blocks.
+
+    ``pre``: the preprocess's view ``(batch, rows, o strides, do strides, delta strides)``;
+    ``in_strides``: q, k, v, dO, LSE and Delta strides in the kernels' order; ``kernel_strides(t)``: a
+    gradient buffer's strides in that order.
+    """
+    varlen = launch.flags["IS_VARLEN"]
+    h, d = (q.shape[-2] if varlen else q.shape[1]), q.shape[-1]
+    hkv = k.shape[-2] if varlen else k.shape[1]
+    dvdim = v.shape[-1]
+    need_kv = dk is not None or dv is not None
     q, kernel_scale = _sign_folded(q, scale)
 
-    if delta is None:
-        delta = torch.empty((b, h, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
+    pre_b, pre_rows, o_strides, do_strides, de_strides = pre
     delta_tile = (configs.preprocess_config(dvdim, q.element_size()) if _device.use_autotune()
                   else configs.INTERPRETER_PREPROCESS_CONFIG)
-    kernels.attn_bwd_preprocess_kernel[(triton.cdiv(lq, delta_tile["BLOCK_M"]) * b * h,)](
-        out, grad_out, delta, h, lq, *out.stride(), *grad_out.stride(), *delta.stride(),
+    kernels.attn_bwd_preprocess_kernel[(triton.cdiv(pre_rows, delta_tile["BLOCK_M"]) * pre_b * h,)](
+        out, grad_out, delta, h, pre_rows, *o_strides, *do_strides, *de_strides,
         HEAD_DV=dvdim, BLOCK_DV=configs.head_block(dvdim), num_warps=configs.PREPROCESS_WARPS, **delta_tile,
     )
 
-    flags = _flags(q, d, dvdim, causal_offset)
+    causal_offset = launch.causal_offset
+    flags = _flags(q, d, dvdim, causal_offset, launch.flags)
     flags["INPUT_PRECISION"] = configs.backward_precision(flags["INPUT_PRECISION"], d, dvdim)
     offset = 0 if causal_offset is None else int(causal_offset)
     common = (float(kernel_scale),)
     sizes_tail = (lq, lk, offset, configs.seqlen_bucket(lq), configs.seqlen_bucket(lk))
-    in_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *delta.stride())
 
     if need_kv:
         # A skipped gradient's pointer is never read (COMPUTE_DK/DV = False): pass the other buffer.
         dk_buf = dk if dk is not None else dv
         dv_buf = dv if dv is not None else dk
         args = (q, k, v, grad_out, lse, lse_lo, delta, dk_buf, dv_buf, *common, hkv, h // hkv, *sizes_tail,
-                *in_strides, *dk_buf.stride(), *dv_buf.stride())
+                *in_strides, *kernel_strides(dk_buf), *kernel_strides(dv_buf), *launch.args)
 
         def grid_kv(meta):
             return (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)
 
-        if need_dk and need_dv and configs.wide_heads(d, dvdim):
+        if dk is not None and dv is not None and configs.wide_heads(d, dvdim):
             passes = ((True, False), (False, True))  # one accumulator per launch (registers)
         else:
-            passes = ((need_dk, need_dv),)
+            passes = ((dk is not None, dv is not None),)
         for compute_dk, compute_dv in passes:
             _launch("dkdv", kernels.attn_bwd_dkdv_kernel, grid_kv, args,
                     dict(flags, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv), configs.INTERPRETER_BWD_CONFIG)
-    if need_dq:
+    if dq is not None:
         args = (q, k, v, grad_out, lse, lse_lo, delta, dq, *common, h, h // hkv, *sizes_tail, *in_strides,
-                *dq.stride())
+                *kernel_strides(dq), *launch.args)
 
         def grid_q(meta):
             return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
@@ -299,4 +385,103 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
         _launch("dq", kernels.attn_bwd_dq_kernel, grid_q, args, flags, configs.INTERPRETER_BWD_CONFIG)
         if scale <= 0:  # dQ of the folded q' = sign * q (see _sign_folded)
             dq.neg_() if scale < 0 else dq.zero_()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention with features (window, softcap, ALiBi, dropout) and varlen: the launchers the custom ops call
+# when ops.attention_features.features_supported_by_kernels says so. Same arguments and results as the
+# torch twins of the same names in gradkernels.reference.
+# ----------------------------------------------------------------------------------------------------
+
+
+def attention_features_forward(q, k, v, diag, scale, features):
+    """:func:`attention_forward` with the features of ``features`` (a
+    :class:`~gradkernels.ops.attention_features.Features`; semantics there): ``(out, lse, lse_lo)``.
+
+    ``diag``: the diagonal, ``Lk - Lq`` for the library's bottom-right convention. The LSE is that of the
+    scores before dropout.
+    """
+    b, h, lq, _ = q.shape
+    lk, dv = k.shape[2], v.shape[3]
+    out = empty_out(q, dv)
+    lse = torch.empty((b, h, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
+    lse_lo = torch.empty_like(lse)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse, lse_lo
+    _forward(q, k, v, out, lse, lse_lo, scale, _feature_launch(features, int(diag)), b, lq, lk,
+             q.stride(), k.stride(), v.stride(), out.stride(), lse.stride())
+    return out, lse, lse_lo
+
+
+def attention_features_backward(grad_out, q, k, v, out, lse, lse_lo, diag, scale, features, *, need_dq=True,
+                                need_dk=True, need_dv=True):
+    """Gradients of :func:`attention_features_forward`: ``(dq, dk, dv)``, None where not asked for.
+
+    The dropout keep-mask is regenerated from ``features.rng_state`` (never stored)."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    dq, dk, dv, done = _gradient_buffers(q, k, v, need_dq, need_dk, need_dv, None, None, None,
+                                         lq == 0 or b * h == 0 or lk == 0)
+    if done:
+        return dq, dk, dv
+    delta = torch.empty((b, h, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
+    _backward(grad_out, q, k, v, out, lse, lse_lo, scale, _feature_launch(features, int(diag)), dq, dk, dv, delta,
+              b, lq, lk, (b, lq, out.stride(), grad_out.stride(), delta.stride()),
+              (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *delta.stride()),
+              lambda t: t.stride())
+    return dq, dk, dv
+
+
+def _packed_strides(t):
+    """A packed (total, H, D) tensor's strides in the kernels' (batch, head, row, dim) order: the batch
+    stride is unused (each sequence's start row comes from cu_seqlens)."""
+    return (0, t.stride(1), t.stride(0), t.stride(2))
+
+
+def _packed_row_strides(t):
+    """A (H, total) LSE-like tensor's strides in the kernels' (batch, head, row) order."""
+    return (0, t.stride(0), t.stride(1))
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, features):
+    """Packed variable-length attention in one launch: ``(out (total_q, Hq, Dv), lse (Hq, total_q), lse_lo)``.
+
+    q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); int32 ``cu_seqlens_*`` (batch + 1);
+    ``max_seqlen_*`` at least each sequence's length (they size the grid). Each sequence attends within
+    itself with its bottom-right diagonal; no padding. Rows of sequences with no key: output 0, LSE -inf.
+    """
+    total_q, h, _ = q.shape
+    dv = v.shape[-1]
+    nseq = cu_seqlens_q.shape[0] - 1
+    out = torch.empty((total_q, h, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((h, total_q), dtype=accumulator_dtype(q.dtype), device=q.device)
+    lse_lo = torch.empty_like(lse)
+    if total_q == 0 or h == 0 or nseq == 0 or int(max_seqlen_q) == 0:
+        return out, lse, lse_lo
+    _forward(q, k, v, out, lse, lse_lo, scale,
+             _feature_launch(features, 0, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k),
+             nseq, int(max_seqlen_q), int(max_seqlen_k), _packed_strides(q), _packed_strides(k), _packed_strides(v),
+             _packed_strides(out), _packed_row_strides(lse))
+    return out, lse, lse_lo
+
+
+def attention_varlen_backward(grad_out, q, k, v, out, lse, lse_lo, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, scale, features, *, need_dq=True, need_dk=True, need_dv=True):
+    """Gradients of :func:`attention_varlen_forward`: ``(dq, dk, dv)`` in the layouts of q, k, v, None where
+    not asked for; keys of sequences with no query get zero gradients."""
+    total_q, h, _ = q.shape
+    nseq = cu_seqlens_q.shape[0] - 1
+    empty = total_q == 0 or k.shape[0] == 0 or h == 0 or nseq == 0 or int(max_seqlen_q) == 0 or int(max_seqlen_k) == 0
+    dq, dk, dv, done = _gradient_buffers(q, k, v, need_dq, need_dk, need_dv, None, None, None, empty)
+    if done:
+        return dq, dk, dv
+    delta = torch.empty((h, total_q), device=q.device, dtype=accumulator_dtype(q.dtype))
+    # The preprocess sees the packed rows as one batch element of total_q rows.
+    pre = (1, total_q, _packed_strides(out), _packed_strides(grad_out), _packed_row_strides(delta))
+    in_strides = (_packed_strides(q), _packed_strides(k), _packed_strides(v), _packed_strides(grad_out),
+                  _packed_row_strides(lse), _packed_row_strides(delta))
+    _backward(grad_out, q, k, v, out, lse, lse_lo, scale,
+              _feature_launch(features, 0, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k),
+              dq, dk, dv, delta, nseq, int(max_seqlen_q), int(max_seqlen_k), pre,
+              tuple(x for st in in_strides for x in st), _packed_strides)
     return dq, dk, dv

@@ -15,7 +15,7 @@ Semantics (shared by every backend; ``i`` a query position, ``j`` a key position
 - Dropout: the probabilities are multiplied by ``keep / (1 - p)`` with the keep-mask of
   :mod:`gradkernels.dropout` (a function of seed, offset, b, h, i, j), regenerated in the backward.
 
-Launchers (``gradkernels.ops.attention``, F1) and their torch twins (``gradkernels.reference``) take
+Launchers (``gradkernels.ops.attention``: the attention kernels' feature flags) and their torch twins (``gradkernels.reference``) take
 these as a :class:`Features` record; the custom ops take its fields flat.
 """
 
@@ -93,12 +93,13 @@ def features_supported_by_kernels(q: torch.Tensor, features: Features, *, varlen
     ``attention_varlen_forward/backward`` (varlen), which take the same arguments as the twins of the
     same names in :mod:`gradkernels.reference`.
 
-    Until the kernels implement windows, softcap, ALiBi, dropout and varlen (F1), every such call runs
-    the torch twin inside the same custom op, on every device: same results, same autograd route, not
-    the kernels' speed or memory. Replace this function's body as the kernels gain each feature.
+    The kernels implement every feature and every combination of them, dense and varlen (constexpr flags
+    of ``kernels/attention.py``: ``IS_VARLEN``, ``HAS_LEFT``, ``HAS_SOFTCAP``, ``HAS_ALIBI``,
+    ``HAS_DROPOUT``), for every dtype and head dim the plain kernels take, so every call runs on them.
+    Return False here for a combination that should go back to the torch twin.
     """
     del q, features, varlen
-    return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------
