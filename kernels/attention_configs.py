@@ -299,8 +299,10 @@ def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_di
         input_precision: the launch's ``INPUT_PRECISION`` ("tf32" or "ieee"); decides the path of fp32
             inputs. None: "ieee" (torch's default for fp32 matmuls).
         compute_dk, compute_dv: the dK/dV launch's ``COMPUTE_DK`` / ``COMPUTE_DV`` (see :func:`wide_heads`).
-        features: the launch has a feature flag on (:func:`has_features`): its own variant of the table,
-            or the plain one where the table has none yet.
+        features: the launch has a feature flag on (:func:`has_features`): its own variant of the table
+            where that lists the launch's path and head-dim block (the 16-bit path at blocks 64 and 128, from
+            the ``attn-feat`` AOT cases), the plain launch's list elsewhere (not checked by the AOT report:
+            those launches may spill, which costs speed, not correctness).
     """
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
@@ -311,10 +313,14 @@ def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_di
     if arch not in CALIBRATED and smem > limits(arch).smem_per_block:
         return False
     table = CLEAN_TILES.get(calibrated(arch), {})
-    variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv, features)
-    if variant not in table:  # a table generated before the feature variants: the plain launch's list
+    path, block = matmul_path(dtype_bytes, input_precision), max(64, bd, bdv)
+    tiles = None
+    if features:
+        variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv, features=True)
+        tiles = table.get(variant, {}).get(path, {}).get(block)
+    if tiles is None:  # a plain launch, or a feature launch on a path / head-dim block not calibrated for them
         variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv)
-    tiles = table.get(variant, {}).get(matmul_path(dtype_bytes, input_precision), {}).get(max(64, bd, bdv), ())
+        tiles = table.get(variant, {}).get(path, {}).get(block, ())
     return dataclasses.astuple(tile) in tiles
 
 

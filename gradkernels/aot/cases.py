@@ -238,9 +238,12 @@ def attention_cases() -> list[Case]:
         cases += [case(f"attn-short-fwd-d{d}", fwd(d, True, 1, length)),
                   case(f"attn-short-bwd-d{d}", bwd(d, True, 16, 16))]
     # Every feature at once (the costliest specialisation: varlen, causal + window, softcap, ALiBi, dropout),
-    # at D = 64 and 128. A launch with fewer features compiles to a subset of this code.
+    # at D = 64 and 128, in the 16-bit dtypes that training uses (the feature variants of the tile table are
+    # calibrated for that path only; fp32/fp64 and D = 256 feature launches use the plain launch's tiles,
+    # see attention_configs.keep). A launch with fewer features compiles to a subset of this code.
     for d in (64, 128):
-        cases += [case(f"attn-feat-fwd-d{d}", features_fwd(d)), case(f"attn-feat-bwd-d{d}", features_bwd(d))]
+        cases += [Case("attention", f"attn-feat-{p}-d{d}", run(d), (ops,), tuned_kernels, fixed, dtypes=("fp16", "bf16"))
+                  for p, run in (("fwd", features_fwd), ("bwd", features_bwd))]
     return cases
 
 
