@@ -42,7 +42,7 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _tanh(x):
+def tanh(x):
     # tanh from one exp of a non-positive argument: no overflow, no libdevice call that differs
     # between backends.
     e = tl.exp(-2.0 * tl.abs(x))
@@ -59,7 +59,7 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.math.erf(x * _RSQRT2))
     elif ACTIVATION == "gelu_tanh":
-        return 0.5 * x * (1.0 + _tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI))
+        return 0.5 * x * (1.0 + tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI))
     elif ACTIVATION == "silu":
         return x * _sigmoid(x)
     else:
@@ -81,7 +81,7 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(x * _RSQRT2))
         return cdf + x * tl.exp(-0.5 * x * x) * _RSQRT_2PI
     elif ACTIVATION == "gelu_tanh":
-        t = _tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        t = tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI)
         du = (1.0 + x * x * (3.0 * _GELU_TANH_C)) * _SQRT_2_OVER_PI
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
     elif ACTIVATION == "silu":

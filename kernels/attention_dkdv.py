@@ -1,0 +1,312 @@
+"""Attention backward, part 1: the Delta preprocess and the dK/dV kernel (algorithm: ``attention.py``)."""
+
+import triton
+import triton.language as tl
+
+from ._common import load_tile, store_tile
+from .attention_common import (
+    scales, sequence_bounds, feature_scalars, mod_scores, window_visible_tile, load_row_stats, LOG2E,
+)
+from .dropout import dropout_keep
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    # pointers
+    O, DO, DELTA,
+    # sizes
+    H, LQ,
+    # strides
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_deb, stride_deh, stride_dem,
+    # constexpr
+    HEAD_DV: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """``Delta = rowsum(dO * O)`` in the accumulator dtype; equals rowsum(P * dP) of the backward.
+
+    Grid: (cdiv(LQ, BLOCK_M) * B * H,).
+    """
+    ACC_DTYPE: tl.constexpr = tl.float64 if O.dtype.element_ty == tl.float64 else tl.float32
+    num_m = tl.cdiv(LQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_bh = (pid // num_m).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = (pid % num_m).to(tl.int64) * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o = load_tile(O + b * stride_ob + h * stride_oh + start_m * stride_om, offs_m, offs_dv,
+                  stride_om, stride_od, LQ - start_m, HEAD_DV)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + start_m * stride_dom, offs_m, offs_dv,
+                   stride_dom, stride_dod, LQ - start_m, HEAD_DV)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
+    tl.store(DELTA + b * stride_deb + h * stride_deh + (start_m + offs_m) * stride_dem, delta,
+             mask=offs_m < LQ - start_m)
+
+
+@triton.jit
+def _attn_bwd_dkdv_features(
+    Q, K, V, DO, LSE, LSE_LO, DELTA, DK, DV, SM_SCALE, HKV, GROUP, LQ, LK, CAUSAL_OFFSET, b, kvh, pid_bh, start_n,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm, stride_deb, stride_deh, stride_dem,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, SOFTCAP, DROPOUT_P, LEFT_OFFSET, DIAG, THRESHOLD, stride_ab, stride_ah,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, COMPUTE_DK: tl.constexpr,
+    COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The body of :func:`attn_bwd_dkdv_kernel` for a launch with features (same loop, same outputs).
+
+    Query blocks: from the first that holds a row seeing key ``start_n`` (the right edge) to the last that
+    holds a row seeing key ``start_n + BLOCK_N - 1`` (the window's left edge), every iteration masked.
+    P^T is recomputed from :func:`mod_scores`, as the forward computed it; dropout: ``dV = (P Z)^T dO``,
+    ``dP = (dO V^T) Z`` with the forward's keep-mask ``Z`` (scaled by ``1 / (1 - p)``); softcap: ``dS``
+    times ``1 - t^2``.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    h0 = kvh * GROUP
+    if IS_VARLEN:
+        q0, LQ = sequence_bounds(CU_SEQLENS_Q, b)
+        k0, LK = sequence_bounds(CU_SEQLENS_K, b)
+        seq_diag = LK - LQ
+        CAUSAL_OFFSET += seq_diag
+        LEFT_OFFSET += seq_diag
+        DIAG += seq_diag
+        K_blk = K + k0 * stride_kn + kvh * stride_kh + start_n * stride_kn
+        V_blk = V + k0 * stride_vn + kvh * stride_vh + start_n * stride_vn
+        Q_b = Q + q0 * stride_qm + h0 * stride_qh
+        DO_b = DO + q0 * stride_dom + h0 * stride_doh
+        LSE_b = LSE + q0 * stride_lm + h0 * stride_lh
+        LSE_LO_b = LSE_LO + q0 * stride_lm + h0 * stride_lh
+        DELTA_b = DELTA + q0 * stride_dem + h0 * stride_deh
+        DK_blk = DK + k0 * stride_dkn + kvh * stride_dkh + start_n * stride_dkn
+        DV_blk = DV + k0 * stride_dvn + kvh * stride_dvh + start_n * stride_dvn
+    else:
+        K_blk = K + b * stride_kb + kvh * stride_kh + start_n * stride_kn
+        V_blk = V + b * stride_vb + kvh * stride_vh + start_n * stride_vn
+        Q_b = Q + b * stride_qb + h0 * stride_qh
+        DO_b = DO + b * stride_dob + h0 * stride_doh
+        LSE_b = LSE + b * stride_lb + h0 * stride_lh
+        LSE_LO_b = LSE_LO + b * stride_lb + h0 * stride_lh
+        DELTA_b = DELTA + b * stride_deb + h0 * stride_deh
+        DK_blk = DK + b * stride_dkb + kvh * stride_dkh + start_n * stride_dkn
+        DV_blk = DV + b * stride_dvb + kvh * stride_dvh + start_n * stride_dvn
+    k = load_tile(K_blk, offs_n, offs_d, stride_kn, stride_kd, LK - start_n, HEAD_D)
+    v = load_tile(V_blk, offs_n, offs_dv, stride_vn, stride_vd, LK - start_n, HEAD_DV)
+    qk_scale, sm_scale = scales(SM_SCALE, ACC_DTYPE)
+    cap_scale, cap2, slope2, keep_scale = feature_scalars(
+        SM_SCALE, SOFTCAP, ALIBI, b * stride_ab + h0 * stride_ah, DROPOUT_P, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        ACC_DTYPE)
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+    bh0 = pid_bh * GROUP  # = b * H + h0, the dropout word of the group's first query head
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC_DTYPE)
+    if IS_CAUSAL:
+        lo = tl.minimum(tl.maximum(start_n - CAUSAL_OFFSET, 0) // BLOCK_M * BLOCK_M, LQ)
+    else:
+        lo = start_n * 0
+    # One past the last query row that sees a key of the block: j >= i + LEFT_OFFSET <=> i <= j - LEFT_OFFSET.
+    if HAS_LEFT:
+        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - LEFT_OFFSET, 0), LQ)
+    else:
+        hi = start_n * 0 + LQ
+    if IS_VARLEN:
+        hi = tl.where(start_n < LK, hi, 0)  # a key block past its sequence's end: no work
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M).to(tl.int32)
+    for it in range(0, GROUP * n_blocks):
+        g = it // n_blocks
+        start_m = lo + (it - g * n_blocks) * BLOCK_M
+        rows = LQ - start_m
+        q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
+                      rows, HEAD_D)
+        do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
+                       rows, HEAD_DV)
+        row = g * stride_lh + start_m * stride_lm
+        row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row,
+                                                DELTA_b + g * stride_deh + start_m * stride_dem,
+                                                offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        rel = None
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + b * stride_ab + (h0 + g) * stride_ah).to(ACC_DTYPE) * LOG2E
+            rel = offs_n[:, None] - offs_m[None, :] + (start_n - start_m - DIAG).to(tl.int32)
+        s2, t = mod_scores(qk_t, rel, qk_scale, cap_scale, cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
+        p_t = tl.math.exp2((s2 - row_hi[None, :]) - row_lo[None, :])
+        if IS_CAUSAL or HAS_LEFT:
+            visible = offs_n[:, None] >= 0
+            if IS_CAUSAL:
+                shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+                visible = visible & (offs_n[:, None] - offs_m[None, :] <= shift)
+            if HAS_LEFT:
+                visible = window_visible_tile(visible, offs_m[None, :], offs_n[:, None], start_m, start_n, LEFT_OFFSET,
+                                          BLOCK_M, BLOCK_N)
+            p_t = tl.where(visible, p_t, 0.0)
+        if HAS_DROPOUT:
+            keep_t = dropout_keep(seed, rng_offset, bh0 + g, (start_m + offs_m)[None, :], (start_n + offs_n)[:, None],
+                                  THRESHOLD)
+        if COMPUTE_DV:
+            pz_t = p_t
+            if HAS_DROPOUT:
+                pz_t = tl.where(keep_t, p_t, 0.0)
+            dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if COMPUTE_DK:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if HAS_DROPOUT:
+                dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if HAS_SOFTCAP:
+                ds_t = ds_t * (1.0 - t * t)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    if COMPUTE_DK:
+        store_tile(DK_blk, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd,
+                   LK - start_n, HEAD_D)
+    if COMPUTE_DV:
+        if HAS_DROPOUT:
+            dv = dv * keep_scale
+        store_tile(DV_blk, dv.to(DV.dtype.element_ty), offs_n, offs_dv, stride_dvn, stride_dvd,
+                   LK - start_n, HEAD_DV)
+
+
+@triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET", "LEFT_OFFSET", "DIAG", "THRESHOLD"])
+def attn_bwd_dkdv_kernel(
+    # pointers
+    Q, K, V, DO, LSE, LSE_LO, DELTA, DK, DV,
+    # scalars
+    SM_SCALE: "fp64",
+    # sizes
+    HKV, GROUP, LQ, LK, CAUSAL_OFFSET,
+    LQ_BUCKET, LK_BUCKET,  # autotune keys only
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_deb, stride_deh, stride_dem,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    # features (pointers None and scalars 0 when their flag is off; see attn_fwd_kernel)
+    CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    SOFTCAP: "fp64", DROPOUT_P: "fp64", LEFT_OFFSET, DIAG, THRESHOLD,
+    stride_ab, stride_ah,
+    # constexpr flags
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    # feature flags
+    IS_VARLEN: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
+):
+    """dK, dV of one key block of one kv head, summed over the GROUP query heads that read it.
+
+    Grid: (cdiv(LK, BLOCK_N) * B * HKV,). Query head ``kvh * GROUP + g`` reads kv head ``kvh``; LSE and
+    Delta are indexed by query head (B, HKV * GROUP, LQ).
+
+    One flat loop over (query head of the group, query block) pairs rather than two nested loops: the
+    nest cost registers (spills at D = 128 on sm_90) and restarted the load pipeline at every head.
+    Scores are transposed (keys x queries) so dK and dV come out of plain ``tl.dot`` s. Padding query
+    rows need no mask: their Q and dO load as 0 and their LSE as +inf, so P^T is 0 there. Query blocks
+    that see none of the keys are skipped; with causal masking the others are all masked (cheap next to
+    the four matmuls of an iteration, and one loop body instead of two keeps registers free).
+    """
+    tl.static_assert(BLOCK_D >= HEAD_D, "BLOCK_D must cover the head dim")
+    tl.static_assert(BLOCK_DV >= HEAD_DV, "BLOCK_DV must cover the value head dim")
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs 16 at least")
+    ACC_DTYPE: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+
+    num_n = tl.cdiv(LK, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_bh = (pid // num_n).to(tl.int64)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    start_n = (pid % num_n).to(tl.int64) * BLOCK_N
+
+    FEATURES: tl.constexpr = IS_VARLEN or HAS_LEFT or HAS_SOFTCAP or HAS_ALIBI or HAS_DROPOUT
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if FEATURES:
+        _attn_bwd_dkdv_features(
+            Q, K, V, DO, LSE, LSE_LO, DELTA, DK, DV, SM_SCALE, HKV, GROUP, LQ, LK, CAUSAL_OFFSET, b, kvh, pid_bh,
+            start_n, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+            stride_lb, stride_lh, stride_lm, stride_deb, stride_deh, stride_dem,
+            stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+            CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, SOFTCAP, DROPOUT_P, LEFT_OFFSET, DIAG, THRESHOLD,
+            stride_ab, stride_ah,
+            HEAD_D, HEAD_DV, IS_CAUSAL, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            BLOCK_DV, IS_VARLEN, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, ACC_DTYPE,
+        )
+    else:
+        k = load_tile(K + b * stride_kb + kvh * stride_kh + start_n * stride_kn, offs_n, offs_d,
+                      stride_kn, stride_kd, LK - start_n, HEAD_D)
+        v = load_tile(V + b * stride_vb + kvh * stride_vh + start_n * stride_vn, offs_n, offs_dv,
+                      stride_vn, stride_vd, LK - start_n, HEAD_DV)
+        qk_scale, sm_scale = scales(SM_SCALE, ACC_DTYPE)
+
+        # The group's first query head; head g of the group is at + g * stride_*h.
+        h0 = kvh * GROUP
+        Q_b = Q + b * stride_qb + h0 * stride_qh
+        DO_b = DO + b * stride_dob + h0 * stride_doh
+        LSE_b = LSE + b * stride_lb + h0 * stride_lh
+        LSE_LO_b = LSE_LO + b * stride_lb + h0 * stride_lh
+        DELTA_b = DELTA + b * stride_deb + h0 * stride_deh
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC_DTYPE)
+        if IS_CAUSAL:
+            # First query block holding a row that sees key start_n (j <= i + offset <=> i >= j - offset);
+            # clamped before dividing (negative division rounds differently on GPU and in the interpreter).
+            lo = tl.minimum(tl.maximum(start_n - CAUSAL_OFFSET, 0) // BLOCK_M * BLOCK_M, LQ)
+        else:
+            lo = start_n * 0
+        n_blocks = tl.cdiv(LQ - lo, BLOCK_M).to(tl.int32)
+        for it in range(0, GROUP * n_blocks):
+            g = it // n_blocks
+            start_m = lo + (it - g * n_blocks) * BLOCK_M
+            rows = LQ - start_m
+            q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
+                          rows, HEAD_D)
+            do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
+                           rows, HEAD_DV)
+            row = g * stride_lh + start_m * stride_lm
+            row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row,
+                                                    DELTA_b + g * stride_deh + start_m * stride_dem,
+                                                    offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -row_hi[None, :]) - row_lo[None, :])
+            if IS_CAUSAL:
+                # Key start_n + c is visible to query start_m + r iff c - r <= shift (int32, see visible_tile).
+                shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+                p_t = tl.where(offs_n[:, None] - offs_m[None, :] <= shift, p_t, 0.0)
+            if COMPUTE_DV:
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if COMPUTE_DK:
+                dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+        if COMPUTE_DK:
+            store_tile(DK + b * stride_dkb + kvh * stride_dkh + start_n * stride_dkn,
+                       (dk * sm_scale).to(DK.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd,
+                       LK - start_n, HEAD_D)
+        if COMPUTE_DV:
+            store_tile(DV + b * stride_dvb + kvh * stride_dvh + start_n * stride_dvn,
+                       dv.to(DV.dtype.element_ty), offs_n, offs_dv, stride_dvn, stride_dvd,
+                       LK - start_n, HEAD_DV)
