@@ -19,7 +19,7 @@ import gradkernels
 from gradkernels import reference, testing
 from gradkernels.kernels import attention_configs
 from gradkernels.ops import attention as attention_ops
-from utils import DEVICE, ON_GPU, assert_close
+from utils import DEVICE, ON_GPU, assert_close, check_attention
 
 FACTOR_OUT, FACTOR_GRAD = 2, 3
 ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
@@ -60,18 +60,6 @@ def _oracles(q, k, v, grad_out, causal, scale, align="bottom_right"):
     return tuple(r[key] for key in KEYS), same, tuple(f[key] for key in KEYS)
 
 
-def _check_all(ours, oracles, accumulator_dtype):
-    ref, same, floor = oracles
-    out, lse, dq, dk, dv = ours
-    assert_close(out, same[0], ref[0], FACTOR_OUT, "out", floor=floor[0])
-    assert lse.dtype == accumulator_dtype
-    finite = torch.isfinite(ref[1])
-    assert torch.equal(torch.isfinite(lse), finite), "lse: -inf rows differ from the reference"
-    assert_close(lse[finite], same[1][finite].to(accumulator_dtype), ref[1][finite], FACTOR_OUT, "lse",
-                 floor=floor[1][finite])
-    for i, name, ours_g in zip((2, 3, 4), ("dq", "dk", "dv"), (dq, dk, dv)):
-        if ours_g is not None:
-            assert_close(ours_g, same[i], ref[i], FACTOR_GRAD, name, floor=floor[i])
 
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv, causal, dtype): every listed length pair, head dim and mode appears at
@@ -103,7 +91,7 @@ def test_attention_matches_reference(b, hq, hkv, lq, lk, d, dv, causal, dtype):
     ours = (out, lse, *_grads(out, (q, k, v), grad_out))
     # Lk = 1 included: P = 1, so dS and with it dQ, dK cancel to 0 in torch's path while ours keeps
     # rounding-sized values; the floor bounds those (the P error times |dP - Delta| term).
-    _check_all(ours, _oracles(q, k, v, grad_out, causal, 1 / math.sqrt(d)), ACC[dtype])
+    check_attention(ours, _oracles(q, k, v, grad_out, causal, 1 / math.sqrt(d)), ACC[dtype])
 
 
 @settings(max_examples=25, deadline=None)
@@ -119,7 +107,7 @@ def test_fuzz_lengths_head_dims_and_masks(lq, lk, d, dv, group, causal, top_left
     offset = None if not causal else (0 if top_left else lk - lq)
     out, lse = gradkernels.autograd.attention(q, k, v, offset, scale)
     ours = (out, lse, *_grads(out, (q, k, v), grad_out))
-    _check_all(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float64)
+    check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float64)
 
 
 def test_strided_inputs_are_read_in_place(monkeypatch):
@@ -165,7 +153,7 @@ def test_top_left_alignment_through_the_launcher(lq, lk):
     scale = 0.3
     out, lse = gradkernels.autograd.attention(q, k, v, 0, scale)
     ours = (out, lse, *_grads(out, (q, k, v), grad_out))
-    _check_all(ours, _oracles(q, k, v, grad_out, True, scale, align="top_left"), torch.float32)
+    check_attention(ours, _oracles(q, k, v, grad_out, True, scale, align="top_left"), torch.float32)
 
 
 def test_empty_rows_give_zero_output_minus_inf_lse_and_zero_gradients():
@@ -182,7 +170,7 @@ def test_empty_rows_give_zero_output_minus_inf_lse_and_zero_gradients():
     for t in (out, dq, dk, dv):
         assert not torch.isnan(t).any()
     # The rows that do see keys are still right (the reference handles empty rows the same way).
-    _check_all((out, lse, dq, dk, dv), _oracles(q, k, v, grad_out, True, 1 / math.sqrt(40)), torch.float32)
+    check_attention((out, lse, dq, dk, dv), _oracles(q, k, v, grad_out, True, 1 / math.sqrt(40)), torch.float32)
 
 
 def test_lse_merges_partial_results_over_key_chunks():
@@ -259,7 +247,7 @@ def test_large_head_dim_splits_dkdv_into_two_launches(monkeypatch):
     assert dkdv == [(True, False), (False, True)]
     assert not attention_configs.wide_heads(128, 128) and attention_configs.wide_heads(256, 256)
     assert attention_configs.wide_heads(64, 256)
-    _check_all(ours, _oracles(q, k, v, grad_out, True, 1 / math.sqrt(160)), torch.float64)
+    check_attention(ours, _oracles(q, k, v, grad_out, True, 1 / math.sqrt(160)), torch.float64)
 
 
 def test_gradients_are_bitwise_deterministic():

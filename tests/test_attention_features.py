@@ -19,7 +19,7 @@ import torch
 
 import gradkernels
 from gradkernels import testing
-from utils import DEVICE, assert_close
+from utils import DEVICE, assert_close, check_attention
 
 FACTOR_OUT, FACTOR_GRAD = 2, 3
 ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
@@ -73,17 +73,6 @@ def _oracles(q, k, v, grad_out, mask, *, causal=False, scale=None, window_size=(
     return tuple(r[key] for key in KEYS), same, tuple(f[key] for key in KEYS)
 
 
-def _check_all(ours, oracles, accumulator_dtype):
-    ref, same, floor = oracles
-    out, lse, dq, dk, dv = ours
-    assert_close(out, same[0], ref[0], FACTOR_OUT, "out", floor=floor[0])
-    assert lse.dtype == accumulator_dtype
-    finite = torch.isfinite(ref[1])
-    assert torch.equal(torch.isfinite(lse), finite), "lse: -inf rows differ from the reference"
-    assert_close(lse[finite], same[1][finite].to(accumulator_dtype), ref[1][finite], FACTOR_OUT, "lse",
-                 floor=floor[1][finite])
-    for i, name, g in zip((2, 3, 4), ("dq", "dk", "dv"), (dq, dk, dv)):
-        assert_close(g, same[i], ref[i], FACTOR_GRAD, name, floor=floor[i])
 
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv, dtype, features): each feature alone, in pairs and all together; odd
@@ -114,7 +103,7 @@ def test_features_match_reference(b, hq, hkv, lq, lk, d, dv, dtype, feats):
     q, k, v = _qkv(b, hq, hkv, lq, lk, d, dv, dtype, layout="blhd" if d == 40 else "bhld")
     grad_out = torch.randn(b, hq, lq, dv, device=DEVICE, dtype=dtype)
     ours, mask = _run(q, k, v, grad_out, **feats)
-    _check_all(ours, _oracles(q, k, v, grad_out, mask, **feats), ACC[dtype])
+    check_attention(ours, _oracles(q, k, v, grad_out, mask, **feats), ACC[dtype])
 
 
 def test_window_rows_that_see_no_key_give_zero_output_minus_inf_lse_and_zero_gradients():
@@ -130,7 +119,7 @@ def test_window_rows_that_see_no_key_give_zero_output_minus_inf_lse_and_zero_gra
     assert torch.equal(dq[:, :, :empty], torch.zeros_like(dq[:, :, :empty]))
     for t in (out, dq, dk, dv):
         assert not torch.isnan(t).any()
-    _check_all(ours, _oracles(q, k, v, grad_out, None, window_size=(0, 0)), torch.float32)
+    check_attention(ours, _oracles(q, k, v, grad_out, None, window_size=(0, 0)), torch.float32)
 
 
 def test_causal_overrides_the_window_right_side():

@@ -12,8 +12,8 @@ import torch
 import gradkernels
 from gradkernels import reference, testing
 from gradkernels.kernels import attention_configs as configs
-from test_attention_features import ACC, _check_all, _oracles, _qkv, _run
-from utils import DEVICE, assert_close
+from test_attention_features import ACC, _oracles, _qkv, _run
+from utils import DEVICE, assert_close, check_attention
 
 FACTOR_OUT, FACTOR_GRAD = 2, 3
 TWINS = ("attention_features_forward", "attention_features_backward", "attention_varlen_forward",
@@ -114,4 +114,4 @@ def test_dropout_mask_does_not_depend_on_the_kernel_tiles(tile, monkeypatch):
     grad_out = torch.randn(1, 4, 37, 16, device=DEVICE)
     feats = dict(causal=True, window_size=(20, -1), dropout_p=0.3)
     ours, mask = _run(q, k, v, grad_out, **feats)
-    _check_all(ours, _oracles(q, k, v, grad_out, mask, **feats), ACC[torch.float32])
+    check_attention(ours, _oracles(q, k, v, grad_out, mask, **feats), ACC[torch.float32])
