@@ -125,6 +125,31 @@ def use_autotune() -> bool:
     return not interpreter_enabled()
 
 
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Give Triton a global-scratch allocator, unless the caller has set one.
+
+    Kernels that build TMA tensor descriptors on the device (``tl.make_tensor_descriptor``: the attention
+    forward's TMA tiles) write them to scratch memory that Triton asks an allocator for at launch
+    (``triton.set_allocator``; without one the launch raises). This one takes it from torch's caching
+    allocator (128 bytes per descriptor and program). Triton keeps the allocator in a context variable,
+    so it is set in the launching thread (autograd may run a backward on another); a caller's own is kept.
+    """
+    import triton
+
+    try:  # Triton's context variable: not public API, consulted only where it exists
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton version
+        pass
+    triton.set_allocator(_torch_scratch)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in effect for ``device_type``, or None (also for devices without autocast,
     such as ``meta``)."""

@@ -67,6 +67,16 @@ kernels, off in a plain launch, which then compiles to exactly the code above (s
   head and positions only) applied to P after the row sum in the forward, regenerated in the backward:
   ``dV = (P Z)^T dO``, ``dP = (dO V^T) Z``; Delta = rowsum(dO * O) stays right (O already has Z).
 
+TMA tiles (``TMA``, a constexpr each kernel takes from its tile; sm_90+, fp16/bf16, plain launches whose
+tensors have contiguous head dims and 16-byte aligned rows and bases, ``attention_configs.tma_compatible``):
+the operands a program streams or holds come through device-side tensor descriptors
+(``tl.make_tensor_descriptor``; Hopper's TMA unit) instead of per-element pointers. Rows past the end and
+columns past the head dim read as zeros; held operands stay in shared memory as wgmma operands; no
+address tensor occupies registers, and the masked blocks compare each score against a per-row bound
+(``visible_rows``) instead of a hoisted index tile. What that frees is what lets the forward and dQ run
+128 x 128 tiles (wgmma N = 128) at D = 128 without spills. A launch without ``TMA`` compiles to the code
+above, unchanged.
+
 Limits: no arbitrary attention mask, no fp8. The fp64 backward at
 D > 128 needs more than the ~100 KB of shared memory of sm_86/sm_89 parts (no config fits there).
 The dK/dV kernel's parallelism is B * Hkv * cdiv(Lk, BLOCK_N) programs, so MQA on very few heads and short keys may not
@@ -82,7 +92,7 @@ import triton.language as tl
 
 from ._common import load_tile, store_tile
 from .attention_common import (
-    scales, causal_key_range, visible_tile, sequence_bounds, feature_scalars, mod_scores,
+    scales, causal_key_range, visible_tile, visible_rows, sequence_bounds, feature_scalars, mod_scores,
     window_visible_tile, window_key_range, LOG2E, LN2,
 )
 from .dropout import dropout_keep_block
@@ -90,11 +100,12 @@ from .dropout import dropout_keep_block
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q, K_bh, V_bh, start_m, lo, hi, LK, CAUSAL_OFFSET, qk_scale,
+    acc, l_i, m_i, q, K_bh, V_bh, k_desc, v_desc, start_m, lo, hi, LK, CAUSAL_OFFSET, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Online-softmax update of one query tile over key blocks ``[lo, hi)``.
 
@@ -103,6 +114,10 @@ def _attn_fwd_inner(
     subtracted, so the result is accurate to the rounding of a small number however large the logits
     are, and the rounding of ``m_i`` itself is common to the whole row (it cancels in ``acc / l``).
     The backward recomputes the same expression (see ``load_row_stats``).
+
+    ``TMA``: K and V come through the tensor descriptors ``k_desc`` / ``v_desc`` (Hopper's TMA unit: one
+    instruction per tile, rows past LK and columns past the head dim read as zeros, no per-element
+    addresses held in registers); otherwise through masked pointer loads.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -113,10 +128,16 @@ def _attn_fwd_inner(
         v_blk = V_bh + start_n * stride_vn
         # Unmasked blocks bound the rows by the constexpr BLOCK_N: the row mask folds away.
         rows = LK - start_n if MASKED else BLOCK_N
-        k = load_tile(k_blk, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
+        if TMA:
+            k = k_desc.load([start_n.to(tl.int32), 0])
+        else:
+            k = load_tile(k_blk, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         if MASKED:
-            visible = visible_tile(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
+            if TMA:
+                visible = visible_rows(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
+            else:
+                visible = visible_tile(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
             qk = tl.where(visible, qk, float("-inf"))
             # qk_scale > 0 (the launcher folds the sign of the scale into Q), so scaling keeps the order.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -128,7 +149,10 @@ def _attn_fwd_inner(
         p = tl.math.exp2(tl.fma(qk, qk_scale, -m_sub[:, None]))
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(v_blk, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
+        if TMA:
+            v = v_desc.load([start_n.to(tl.int32), 0])
+        else:
+            v = load_tile(v_blk, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
         acc = acc * alpha[:, None]
         # P rounded to the input dtype for the tensor-core matmul (fp32/fp64: no rounding).
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
@@ -196,7 +220,7 @@ def attn_fwd_kernel(
     SM_SCALE: "fp64",
     # sizes
     H, GROUP, LQ, LK, CAUSAL_OFFSET,
-    LQ_BUCKET, LK_BUCKET,  # autotune keys only
+    LQ_BUCKET, LK_BUCKET, TMA_OK,  # autotune keys only (TMA_OK: K and V allow TMA tiles)
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -214,6 +238,8 @@ def attn_fwd_kernel(
     # feature flags
     IS_VARLEN: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
+    # K/V through TMA descriptors (a tile's choice; plain launches on sm_90+, 16-bit, aligned K/V)
+    TMA: tl.constexpr = False,
 ):
     """O = softmax(Q K^T * scale) V and the natural-log LSE of each row.
 
@@ -244,6 +270,7 @@ def attn_fwd_kernel(
     start_m = pid_m.to(tl.int64) * BLOCK_M
 
     FEATURES: tl.constexpr = IS_VARLEN or HAS_LEFT or HAS_SOFTCAP or HAS_ALIBI or HAS_DROPOUT
+    tl.static_assert(not (TMA and FEATURES), "TMA tiles are for plain launches")
     if IS_VARLEN:
         q0, LQ = sequence_bounds(CU_SEQLENS_Q, b)
         k0, LK = sequence_bounds(CU_SEQLENS_K, b)
@@ -262,7 +289,14 @@ def attn_fwd_kernel(
     offs_m_local = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q_blk, offs_m_local, offs_d, stride_qm, stride_qd, LQ - start_m, HEAD_D)
+    if TMA:
+        # Q through a descriptor too: it then stays in shared memory as the wgmma's A operand instead of
+        # holding 64 registers per thread for the whole program (rows past LQ read as zeros).
+        q_desc = tl.make_tensor_descriptor(Q_blk - start_m * stride_qm, shape=[LQ, HEAD_D], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        q = q_desc.load([start_m.to(tl.int32), 0])
+    else:
+        q = load_tile(Q_blk, offs_m_local, offs_d, stride_qm, stride_qd, LQ - start_m, HEAD_D)
     qk_scale, _ = scales(SM_SCALE, ACC_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
@@ -311,16 +345,26 @@ def attn_fwd_kernel(
         if HAS_DROPOUT:
             acc = acc * keep_scale
     else:
+        if TMA:
+            # One 2-D descriptor per (batch, kv head); the launcher checked stride_kd = stride_vd = 1 and
+            # 16-byte aligned rows (attention_configs.tma_compatible).
+            k_desc = tl.make_tensor_descriptor(K_bh, shape=[LK, HEAD_D], strides=[stride_kn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(V_bh, shape=[LK, HEAD_DV], strides=[stride_vn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_DV])
+        else:
+            k_desc = None
+            v_desc = None
         full, hi = causal_key_range(start_m, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_bh, V_bh, start_m, 0, full, LK, CAUSAL_OFFSET, qk_scale,
+            acc, l_i, m_i, q, K_bh, V_bh, k_desc, v_desc, start_m, 0, full, LK, CAUSAL_OFFSET, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd,
-            False, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+            False, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, TMA,
         )
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_bh, V_bh, start_m, full, hi, LK, CAUSAL_OFFSET, qk_scale,
+            acc, l_i, m_i, q, K_bh, V_bh, k_desc, v_desc, start_m, full, hi, LK, CAUSAL_OFFSET, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd,
-            True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+            True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, TMA,
         )
 
     # l == 0 exactly when the row saw no key (the row maximum contributes exp2(0) = 1 otherwise).

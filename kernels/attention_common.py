@@ -63,6 +63,22 @@ def visible_tile(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL: tl.constexpr, B
     return visible
 
 
+@triton.jit
+def visible_rows(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """:func:`visible_tile` as one compare per element against a per-row bound: key ``c`` of the tile is
+    visible to row ``r`` iff ``c <= lim[r]``, ``lim = min(keys_left - 1, r + shift)``. No (BLOCK_M, BLOCK_N)
+    index tile exists for the compiler to hoist out of the loop into registers (the TMA tiles need them)."""
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    keys_left = tl.minimum(LK - start_n, BLOCK_N).to(tl.int32)
+    lim = tl.zeros([BLOCK_M], tl.int32) + (keys_left - 1)
+    if IS_CAUSAL:
+        shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+        lim = tl.minimum(lim, r + shift)
+    return c[None, :] <= lim[:, None]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Features (window, softcap, ALiBi, dropout, varlen): constexpr-gated helpers. A plain launch sets every
 # feature flag False and compiles to the code it had before the features existed.

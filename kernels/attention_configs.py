@@ -8,6 +8,8 @@
   configs one launch may time, what the launchers' autotuners and the AOT report both call.
 - The launch rules at head dims above 128 (:func:`wide_heads`): dK and dV in two launches,
   :func:`backward_precision`, :func:`tile_variant`.
+- TMA tiles (Hopper tensor descriptors, forward only): :func:`tma_supported` (architecture and Triton) and
+  :func:`tma_compatible` (a launch's K and V), the one place that decides where they may run.
 - :func:`seqlen_bucket` (autotune keys), :func:`head_block` (``BLOCK_D``), :func:`preprocess_config`,
   :func:`hopeless` (what the AOT calibration runs skip), and the interpreter's pinned tiles.
 
@@ -29,9 +31,11 @@ from .attention_tiles import CLEAN_TILES
 class Tile:
     """One attention config. Forward and dQ: ``block_m`` query rows per program, looping over
     ``block_n`` keys; dK/dV: ``block_n`` keys per program, looping over ``block_m`` query rows. Warps,
-    pipeline stages and an optional register cap (PTX ``.maxnreg``).
+    pipeline stages and an optional register cap (PTX ``.maxnreg``). ``tma``: the forward reads K and V
+    through TMA tensor descriptors (``TMA`` of ``attn_fwd_kernel``; sm_90+, 16-bit, see :func:`tma_supported`).
 
-    The fields in this order are the tuples of ``attention_tiles.CLEAN_TILES``.
+    The first five fields in this order (:meth:`key`) are the tuples of ``attention_tiles.CLEAN_TILES``;
+    TMA tiles are listed under their own variant (:func:`tile_variant`).
     """
 
     block_m: int
@@ -39,22 +43,38 @@ class Tile:
     num_warps: int
     num_stages: int
     maxnreg: int | None = None
+    tma: bool = False
 
     def config(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps,
-                             num_stages=self.num_stages, maxnreg=self.maxnreg)
+        kwargs = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+        if self.tma:  # absent otherwise: a plain config launches the kernel's default (TMA = False)
+            kwargs["TMA"] = True
+        return triton.Config(kwargs, num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+
+    def key(self) -> tuple:
+        """The tile's tuple in ``CLEAN_TILES``: ``(block_m, block_n, num_warps, num_stages, maxnreg)``."""
+        return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.maxnreg)
 
     @classmethod
     def of(cls, config) -> "Tile":
         """The tile of a ``triton.Config`` made by :meth:`config`."""
         return cls(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages,
-                   getattr(config, "maxnreg", None))
+                   getattr(config, "maxnreg", None), bool(config.kwargs.get("TMA", False)))
 
 
 # Each list holds general tiles (16-row ones for short query blocks), wide 8-warp tiles for D = 256, small
 # tiles on 8 and 16 warps for the FMA paths (fp32 "ieee", fp64), and maxnreg variants where ptxas otherwise
 # aims at occupancy and spills. Order matters only for ties: prune() sorts by area, stably.
 FWD_TILES = (
+    # TMA tiles (sm_90, fp16/bf16, plain launches): K/V addresses leave the registers, so 128-key blocks
+    # (wgmma N = 128) fit beside the 128 x D accumulator.
+    Tile(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True),
+    Tile(block_m=128, block_n=128, num_warps=8, num_stages=2, tma=True),
+    Tile(block_m=128, block_n=64, num_warps=8, num_stages=3, tma=True),
+    Tile(block_m=128, block_n=64, num_warps=4, num_stages=3, tma=True),
+    Tile(block_m=64, block_n=128, num_warps=4, num_stages=3, tma=True),
+    Tile(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True),
+    Tile(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True),
     Tile(block_m=128, block_n=128, num_warps=8, num_stages=3),
     Tile(block_m=128, block_n=64, num_warps=8, num_stages=3),
     Tile(block_m=128, block_n=64, num_warps=4, num_stages=3),
@@ -85,6 +105,13 @@ FWD_TILES = (
     Tile(block_m=128, block_n=16, num_warps=8, num_stages=1),
 )
 DKDV_TILES = (
+    # TMA tiles (sm_90, fp16/bf16, plain launches): K and V held in shared memory, Q and dO streamed.
+    Tile(block_m=64, block_n=128, num_warps=8, num_stages=3, tma=True),
+    Tile(block_m=64, block_n=128, num_warps=8, num_stages=2, tma=True),
+    Tile(block_m=32, block_n=128, num_warps=8, num_stages=3, tma=True),
+    Tile(block_m=32, block_n=128, num_warps=8, num_stages=2, tma=True),
+    Tile(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True),
+    Tile(block_m=32, block_n=64, num_warps=4, num_stages=3, tma=True),
     Tile(block_m=64, block_n=128, num_warps=8, num_stages=3),
     Tile(block_m=32, block_n=128, num_warps=8, num_stages=3),
     Tile(block_m=32, block_n=128, num_warps=8, num_stages=2),
@@ -113,6 +140,14 @@ DKDV_TILES = (
     Tile(block_m=16, block_n=64, num_warps=8, num_stages=2, maxnreg=255),
 )
 DQ_TILES = (
+    # TMA tiles (sm_90, fp16/bf16, plain launches): Q and dO held in shared memory, K and V streamed.
+    Tile(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True),
+    Tile(block_m=128, block_n=128, num_warps=8, num_stages=2, tma=True),
+    Tile(block_m=64, block_n=128, num_warps=4, num_stages=3, tma=True),
+    Tile(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True),
+    Tile(block_m=128, block_n=64, num_warps=8, num_stages=3, tma=True),
+    Tile(block_m=128, block_n=64, num_warps=8, num_stages=2, tma=True),
+    Tile(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True),
     Tile(block_m=128, block_n=64, num_warps=8, num_stages=3),
     Tile(block_m=128, block_n=32, num_warps=8, num_stages=3),
     Tile(block_m=128, block_n=32, num_warps=4, num_stages=3),
@@ -233,16 +268,49 @@ def has_features(args):
     return any(bool(args.get(flag)) for flag in FEATURE_FLAGS)
 
 
-def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True, features=False):
+def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True, features=False, tma=False):
     """The key of ``CLEAN_TILES`` a launch is checked under: "fwd", "dq", "dkdv" or, for dK/dV launches
     with one accumulator at head dims above 128 (:func:`wide_heads`), "dkdv_dk" / "dkdv_dv"; with
     ``features`` (:func:`has_features`) the same name + "_features" (those launches spill with more tiles,
-    which must not shrink the plain launches' list)."""
+    which must not shrink the plain launches' list); a TMA tile (``tma``) the name + "_tma" (other code)."""
     _check_kernel(kernel)
     variant = kernel
     if kernel == "dkdv" and wide_heads(head_dim, head_dim_v) and not (compute_dk and compute_dv):
         variant = "dkdv_dk" if compute_dk else "dkdv_dv"
-    return variant + "_features" if features else variant
+    if features:
+        variant += "_features"
+    return variant + "_tma" if tma else variant
+
+
+# Hopper's TMA unit, through Triton's device-side tensor descriptors (tl.make_tensor_descriptor): the kernels
+# that have TMA tiles (all three).
+TMA_MIN_ARCH = 90
+TMA_KERNELS = ("fwd", "dkdv", "dq")
+
+
+def tma_supported(arch):
+    """Whether TMA tiles may run on ``arch`` (an int): sm_90 and later, with a Triton that has device-side
+    tensor descriptors (3.6 and 3.9 do). :func:`tma_compatible` says whether a launch's tensors allow them."""
+    import triton.language as tl
+
+    return arch is not None and int(arch) >= TMA_MIN_ARCH and hasattr(tl, "make_tensor_descriptor")
+
+
+def tma_compatible(*tensors):
+    """Whether K and V can be read through TMA descriptors: 16-bit elements (the TMA tiles are calibrated
+    for those), head dims of 128 at most, the last dimension contiguous, and every other stride and the
+    base address multiples of 16 bytes (TMA's rules; each (batch, head) plane is one 2-D descriptor)."""
+    for t in tensors:
+        size = t.element_size()
+        if size != 2 or head_block(t.shape[-1]) > 128 or t.stride(-1) != 1:
+            return False
+        if any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+        # A meta tensor has no address: its offset into a (16-byte aligned) allocation stands for one.
+        address = t.storage_offset() * size if t.device.type == "meta" else t.data_ptr()
+        if address % 16:
+            return False
+    return True
 
 
 def attn_smem_bytes(kernel, block_m, block_n, block_d, block_dv, num_stages, dtype_bytes):
@@ -307,6 +375,9 @@ def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_di
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
     tile = Tile.of(config)
+    if tile.tma and (kernel not in TMA_KERNELS or features or dtype_bytes != 2 or max(bd, bdv) > 128
+                     or not tma_supported(arch)):
+        return False
     # The table's tiles fit sm_80's and sm_90's shared memory as compiled; other parts have less (~100 KB
     # on sm_86/89): there the estimate (an upper bound of what Triton allocates) must fit.
     smem = attn_smem_bytes(kernel, tile.block_m, tile.block_n, bd, bdv, tile.num_stages, dtype_bytes)
@@ -319,15 +390,16 @@ def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_di
         variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv, features=True)
         tiles = table.get(variant, {}).get(path, {}).get(block)
     if tiles is None:  # a plain launch, or a feature launch on a path / head-dim block not calibrated for them
-        variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv)
+        variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv, tma=tile.tma)
         tiles = table.get(variant, {}).get(path, {}).get(block, ())
-    return dataclasses.astuple(tile) in tiles
+    return tile.key() in tiles
 
 
 def prune(configs, args, *, kernel, dtype_bytes, arch):
     """The configs one launch's autotuner may time.
 
-    - those :func:`keep` accepts for the launch;
+    - those :func:`keep` accepts for the launch; TMA tiles only where the launch's K and V allow them
+      (``TMA_OK``, from :func:`tma_compatible`);
     - no taller than the (bucketed) length of the rows a program covers (taller tiles only compute
       padding), or the shortest kept ones when none is that short (sm_90 tensor-core tiles have 64 rows
       at least);
@@ -340,7 +412,7 @@ def prune(configs, args, *, kernel, dtype_bytes, arch):
     Args:
         configs: the autotuner's list for ``kernel``.
         args: the launch's arguments by kernel parameter name: ``HEAD_D``, ``HEAD_DV``, ``LQ_BUCKET``,
-            ``LK_BUCKET``, ``INPUT_PRECISION``, the feature flags and, for "dkdv", ``COMPUTE_DK`` /
+            ``LK_BUCKET``, ``INPUT_PRECISION``, ``TMA_OK`` (forward), the feature flags and, for "dkdv", ``COMPUTE_DK`` /
             ``COMPUTE_DV`` are read.
         kernel: "fwd", "dkdv" or "dq".
         dtype_bytes: element size of Q.
@@ -352,7 +424,8 @@ def prune(configs, args, *, kernel, dtype_bytes, arch):
     kept = [c for c in configs
             if keep(c, args["HEAD_D"], dtype_bytes, arch, kernel=kernel, head_dim_v=args["HEAD_DV"],
                     input_precision=args.get("INPUT_PRECISION"), compute_dk=args.get("COMPUTE_DK", True),
-                    compute_dv=args.get("COMPUTE_DV", True), features=has_features(args))]
+                    compute_dv=args.get("COMPUTE_DV", True), features=has_features(args))
+            and (args.get("TMA_OK") or not c.kwargs.get("TMA"))]
     rows = "BLOCK_M" if kernel != "dkdv" else "BLOCK_N"
     length = args["LQ_BUCKET"] if kernel != "dkdv" else args["LK_BUCKET"]
     if kept:

@@ -189,7 +189,7 @@ def attn_bwd_dkdv_kernel(
     SM_SCALE: "fp64",
     # sizes
     HKV, GROUP, LQ, LK, CAUSAL_OFFSET,
-    LQ_BUCKET, LK_BUCKET,  # autotune keys only
+    LQ_BUCKET, LK_BUCKET, TMA_OK,  # autotune keys only (TMA_OK: Q, K, V and dO allow TMA tiles)
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -211,6 +211,8 @@ def attn_bwd_dkdv_kernel(
     # feature flags
     IS_VARLEN: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
+    # Q, dO, K, V through TMA descriptors (a tile's choice; plain launches on sm_90+, 16-bit, aligned)
+    TMA: tl.constexpr = False,
 ):
     """dK, dV of one key block of one kv head, summed over the GROUP query heads that read it.
 
@@ -237,6 +239,7 @@ def attn_bwd_dkdv_kernel(
     start_n = (pid % num_n).to(tl.int64) * BLOCK_N
 
     FEATURES: tl.constexpr = IS_VARLEN or HAS_LEFT or HAS_SOFTCAP or HAS_ALIBI or HAS_DROPOUT
+    tl.static_assert(not (TMA and FEATURES), "TMA tiles are for plain launches")
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -254,14 +257,29 @@ def attn_bwd_dkdv_kernel(
             BLOCK_DV, IS_VARLEN, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, ACC_DTYPE,
         )
     else:
-        k = load_tile(K + b * stride_kb + kvh * stride_kh + start_n * stride_kn, offs_n, offs_d,
-                      stride_kn, stride_kd, LK - start_n, HEAD_D)
-        v = load_tile(V + b * stride_vb + kvh * stride_vh + start_n * stride_vn, offs_n, offs_dv,
-                      stride_vn, stride_vd, LK - start_n, HEAD_DV)
-        qk_scale, sm_scale = scales(SM_SCALE, ACC_DTYPE)
-
         # The group's first query head; head g of the group is at + g * stride_*h.
         h0 = kvh * GROUP
+        if TMA:
+            # K and V stay in shared memory as the wgmma's A operands (not 2 x BLOCK_N x D registers);
+            # Q and dO stream through 3-D descriptors (group head, row, dim): rows past LQ read as zeros.
+            k_desc = tl.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh, shape=[LK, HEAD_D],
+                                               strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh, shape=[LK, HEAD_DV],
+                                               strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+            q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h0 * stride_qh, shape=[GROUP, LQ, HEAD_D],
+                                               strides=[stride_qh, stride_qm, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h0 * stride_doh, shape=[GROUP, LQ, HEAD_DV],
+                                                strides=[stride_doh, stride_dom, 1],
+                                                block_shape=[1, BLOCK_M, BLOCK_DV])
+            k = k_desc.load([start_n.to(tl.int32), 0])
+            v = v_desc.load([start_n.to(tl.int32), 0])
+        else:
+            k = load_tile(K + b * stride_kb + kvh * stride_kh + start_n * stride_kn, offs_n, offs_d,
+                          stride_kn, stride_kd, LK - start_n, HEAD_D)
+            v = load_tile(V + b * stride_vb + kvh * stride_vh + start_n * stride_vn, offs_n, offs_dv,
+                          stride_vn, stride_vd, LK - start_n, HEAD_DV)
+        qk_scale, sm_scale = scales(SM_SCALE, ACC_DTYPE)
+
         Q_b = Q + b * stride_qb + h0 * stride_qh
         DO_b = DO + b * stride_dob + h0 * stride_doh
         LSE_b = LSE + b * stride_lb + h0 * stride_lh
@@ -281,10 +299,14 @@ def attn_bwd_dkdv_kernel(
             g = it // n_blocks
             start_m = lo + (it - g * n_blocks) * BLOCK_M
             rows = LQ - start_m
-            q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
-                          rows, HEAD_D)
-            do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
-                           rows, HEAD_DV)
+            if TMA:
+                q = q_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_D)
+                do = do_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_DV)
+            else:
+                q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
+                              rows, HEAD_D)
+                do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom,
+                               stride_dod, rows, HEAD_DV)
             row = g * stride_lh + start_m * stride_lm
             row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row,
                                                     DELTA_b + g * stride_deh + start_m * stride_dem,
@@ -294,7 +316,10 @@ def attn_bwd_dkdv_kernel(
             if IS_CAUSAL:
                 # Key start_n + c is visible to query start_m + r iff c - r <= shift (int32, see visible_tile).
                 shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
-                p_t = tl.where(offs_n[:, None] - offs_m[None, :] <= shift, p_t, 0.0)
+                if TMA:  # one compare against a per-key bound (r >= c - shift): no hoisted index tile
+                    p_t = tl.where(offs_m[None, :] >= (offs_n - shift)[:, None], p_t, 0.0)
+                else:
+                    p_t = tl.where(offs_n[:, None] - offs_m[None, :] <= shift, p_t, 0.0)
             if COMPUTE_DV:
                 dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             if COMPUTE_DK:

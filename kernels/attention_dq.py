@@ -5,7 +5,7 @@ import triton.language as tl
 
 from ._common import load_tile, store_tile
 from .attention_common import (
-    scales, causal_key_range, visible_tile, sequence_bounds, feature_scalars, mod_scores,
+    scales, causal_key_range, visible_tile, visible_rows, sequence_bounds, feature_scalars, mod_scores,
     window_visible_tile, window_key_range, load_row_stats,
 )
 from .dropout import dropout_keep_block
@@ -13,26 +13,35 @@ from .dropout import dropout_keep_block
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, row_hi, row_lo, delta, K_bh, V_bh, start_m, lo, hi, LK, CAUSAL_OFFSET, qk_scale,
+    dq, q, do, row_hi, row_lo, delta, K_bh, V_bh, k_desc, v_desc, start_m, lo, hi, LK, CAUSAL_OFFSET, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Accumulate one query tile's dQ over key blocks ``[lo, hi)``."""
+    """Accumulate one query tile's dQ over key blocks ``[lo, hi)`` (``TMA``: K and V through the descriptors,
+    as in the forward's ``_attn_fwd_inner``)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         rows = LK - start_n if MASKED else BLOCK_N
-        k = load_tile(K_bh + start_n * stride_kn, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
-        v = load_tile(V_bh + start_n * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
+        if TMA:
+            k = k_desc.load([start_n.to(tl.int32), 0])
+            v = v_desc.load([start_n.to(tl.int32), 0])
+        else:
+            k = load_tile(K_bh + start_n * stride_kn, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
+            v = load_tile(V_bh + start_n * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=dq.dtype)
         p = tl.math.exp2(tl.fma(qk, qk_scale, -row_hi[:, None]) - row_lo[:, None])
         if MASKED:
             # Keys past LK are masked too: their zero K gives s = 0 and exp2(-lse) can overflow.
-            visible = visible_tile(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
+            if TMA:
+                visible = visible_rows(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
+            else:
+                visible = visible_tile(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=dq.dtype)
         ds = p * (dp - delta[:, None])
@@ -91,7 +100,7 @@ def attn_bwd_dq_kernel(
     SM_SCALE: "fp64",
     # sizes
     H, GROUP, LQ, LK, CAUSAL_OFFSET,
-    LQ_BUCKET, LK_BUCKET,  # autotune keys only
+    LQ_BUCKET, LK_BUCKET, TMA_OK,  # autotune keys only (TMA_OK: Q, K, V and dO allow TMA tiles)
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -111,6 +120,8 @@ def attn_bwd_dq_kernel(
     # feature flags
     IS_VARLEN: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
+    # Q, dO, K, V through TMA descriptors (a tile's choice; plain launches on sm_90+, 16-bit, aligned)
+    TMA: tl.constexpr = False,
 ):
     """dQ of one query block of one query head. Grid: (cdiv(LQ, BLOCK_M) * B * H,)."""
     tl.static_assert(BLOCK_D >= HEAD_D, "BLOCK_D must cover the head dim")
@@ -130,6 +141,7 @@ def attn_bwd_dq_kernel(
     start_m = pid_m.to(tl.int64) * BLOCK_M
 
     FEATURES: tl.constexpr = IS_VARLEN or HAS_LEFT or HAS_SOFTCAP or HAS_ALIBI or HAS_DROPOUT
+    tl.static_assert(not (TMA and FEATURES), "TMA tiles are for plain launches")
     offs_m_local = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -208,29 +220,44 @@ def attn_bwd_dq_kernel(
                    rows, HEAD_D)
     else:
         rows = LQ - start_m
-        q = load_tile(Q + b * stride_qb + h * stride_qh + start_m * stride_qm, offs_m_local, offs_d,
-                      stride_qm, stride_qd, rows, HEAD_D)
-        do = load_tile(DO + b * stride_dob + h * stride_doh + start_m * stride_dom, offs_m_local, offs_dv,
-                       stride_dom, stride_dod, rows, HEAD_DV)
+        K_bh = K + b * stride_kb + kvh * stride_kh
+        V_bh = V + b * stride_vb + kvh * stride_vh
+        if TMA:
+            # Q and dO stay in shared memory as the wgmma's A operands; K and V stream through TMA.
+            q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[LQ, HEAD_D],
+                                               strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[LQ, HEAD_DV],
+                                                strides=[stride_dom, 1], block_shape=[BLOCK_M, BLOCK_DV])
+            k_desc = tl.make_tensor_descriptor(K_bh, shape=[LK, HEAD_D], strides=[stride_kn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(V_bh, shape=[LK, HEAD_DV], strides=[stride_vn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_DV])
+            q = q_desc.load([start_m.to(tl.int32), 0])
+            do = do_desc.load([start_m.to(tl.int32), 0])
+        else:
+            k_desc = None
+            v_desc = None
+            q = load_tile(Q + b * stride_qb + h * stride_qh + start_m * stride_qm, offs_m_local, offs_d,
+                          stride_qm, stride_qd, rows, HEAD_D)
+            do = load_tile(DO + b * stride_dob + h * stride_doh + start_m * stride_dom, offs_m_local, offs_dv,
+                           stride_dom, stride_dod, rows, HEAD_DV)
         row = b * stride_lb + h * stride_lh + start_m * stride_lm
         row_hi, row_lo, delta = load_row_stats(LSE + row, LSE_LO + row,
                                                 DELTA + b * stride_deb + h * stride_deh + start_m * stride_dem,
                                                 offs_m_local, rows, stride_lm, stride_dem, ACC_DTYPE)
         qk_scale, sm_scale = scales(SM_SCALE, ACC_DTYPE)
-        K_bh = K + b * stride_kb + kvh * stride_kh
-        V_bh = V + b * stride_vb + kvh * stride_vh
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
         full, hi = causal_key_range(start_m, LK, CAUSAL_OFFSET, IS_CAUSAL, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, row_hi, row_lo, delta, K_bh, V_bh, start_m, 0, full, LK, CAUSAL_OFFSET, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
-            False, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+            dq, q, do, row_hi, row_lo, delta, K_bh, V_bh, k_desc, v_desc, start_m, 0, full, LK, CAUSAL_OFFSET,
+            qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+            False, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, TMA,
         )
         dq = _attn_bwd_dq_inner(
-            dq, q, do, row_hi, row_lo, delta, K_bh, V_bh, start_m, full, hi, LK, CAUSAL_OFFSET, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
-            True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+            dq, q, do, row_hi, row_lo, delta, K_bh, V_bh, k_desc, v_desc, start_m, full, hi, LK, CAUSAL_OFFSET,
+            qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+            True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, TMA,
         )
         store_tile(DQ + b * stride_dqb + h * stride_dqh + start_m * stride_dqm,
                    (dq * sm_scale).to(DQ.dtype.element_ty), offs_m_local, offs_d, stride_dqm, stride_dqd,

@@ -1,6 +1,6 @@
 """Attention tiles that compiled clean in the AOT report: generated, do not edit by hand.
 
-Source: 9936 report rows; ?; triton 3.9.0, torch 2.13.0+cpu, ptxas 12.9, ptxas-blackwell 13.4; minus 22 tiles that spilled when every tile of the keys the report flagged was recompiled after the LSE residual (lse_lo) change. Regenerate after a kernel change or a Triton upgrade (see bench/GPU.md):     python -m gradkernels.aot check --kernel attention --include-pruned --json report.json  # ~1 h, 2 cores     python -m gradkernels.aot tiles --from report.json --write kernels/attention_tiles.py  CLEAN_TILES[arch][variant][path][block_d]: (block_m, block_n, num_warps, num_stages, maxnreg) tuples (the fields of kernels.attention_configs.Tile) that compiled without spills, within shared memory and (16-bit and tf32 paths) with the architecture's tensor-core instructions for every launch of the report with that key; feature variants from the fp16 attn-feat cases (74 compiles of the kept configs).
+Source: 9936 report rows; ?; triton 3.9.0, torch 2.13.0+cpu, ptxas 12.9, ptxas-blackwell 13.4; minus 22 tiles that spilled when every tile of the keys the report flagged was recompiled after the LSE residual (lse_lo) change; TMA variants (fwd_tma, dq_tma, dkdv_tma: sm_90, 16-bit path, head-dim blocks 64 and 128) from compiles of every TMA tile for every plain fp16/bf16 launch of the AOT check and perf catalogues.
 Regenerate after a kernel change or a Triton upgrade (see bench/GPU.md):
     python -m gradkernels.aot check --kernel attention --include-pruned --json report.json  # ~1 h, 2 cores
     python -m gradkernels.aot tiles --from report.json --write kernels/attention_tiles.py
@@ -183,6 +183,12 @@ CLEAN_TILES = {
                 128: ((16, 64, 8, 2, None),),
             },
         },
+        'dkdv_tma': {
+            'tc16': {
+                64: ((32, 128, 8, 2, None), (32, 128, 8, 3, None), (32, 64, 4, 3, None), (64, 128, 8, 2, None), (64, 128, 8, 3, None), (64, 64, 4, 3, None)),
+                128: ((32, 128, 8, 2, None), (32, 128, 8, 3, None), (32, 64, 4, 3, None)),
+            },
+        },
         'dq': {
             'fma32': {
                 64: ((128, 16, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 16, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None), (64, 16, 4, 2, None)),
@@ -211,6 +217,12 @@ CLEAN_TILES = {
                 128: ((128, 16, 8, 2, None),),
             },
         },
+        'dq_tma': {
+            'tc16': {
+                64: ((128, 128, 8, 2, None), (128, 128, 8, 3, None), (128, 64, 8, 2, None), (128, 64, 8, 3, None), (64, 128, 4, 2, None), (64, 128, 4, 3, None), (64, 64, 4, 3, None)),
+                128: ((128, 128, 8, 2, None), (128, 64, 8, 2, None), (128, 64, 8, 3, None), (64, 128, 4, 2, None), (64, 128, 4, 3, None), (64, 64, 4, 3, None)),
+            },
+        },
         'fwd': {
             'fma32': {
                 64: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (16, 64, 4, 3, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
@@ -237,6 +249,12 @@ CLEAN_TILES = {
             'tc16': {
                 64: ((128, 32, 8, 2, None), (128, 64, 8, 3, None), (64, 32, 4, 2, None)),
                 128: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (64, 16, 4, 2, None)),
+            },
+        },
+        'fwd_tma': {
+            'tc16': {
+                64: ((128, 128, 8, 2, None), (128, 128, 8, 3, None), (128, 64, 4, 3, None), (128, 64, 8, 3, None), (64, 128, 4, 2, None), (64, 128, 4, 3, None), (64, 64, 4, 3, None)),
+                128: ((128, 128, 8, 2, None), (128, 128, 8, 3, None), (128, 64, 8, 3, None), (64, 128, 4, 2, None), (64, 128, 4, 3, None), (64, 64, 4, 3, None)),
             },
         },
     },

@@ -124,9 +124,9 @@ def test_strided_inputs_are_read_in_place(monkeypatch):
     seen = []
     launch = attention_ops._launch
 
-    def spy(kernel, fn, grid, args, flags, pinned):
+    def spy(kernel, fn, grid, args, flags, pinned, tma_ok=False):
         seen.append((kernel, args))
-        return launch(kernel, fn, grid, args, flags, pinned)
+        return launch(kernel, fn, grid, args, flags, pinned, tma_ok)
 
     monkeypatch.setattr(attention_ops, "_launch", spy)
     out = gradkernels.attention(q, k, v, causal=True)

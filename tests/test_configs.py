@@ -187,7 +187,10 @@ def test_attention_tiles_are_named_records_and_read_back_from_configs():
     for kernel, (tiles, configs) in lists.items():
         assert len(set(tiles)) == len(tiles), kernel
         assert [AC.Tile.of(c) for c in configs] == list(tiles), kernel
-    assert dataclasses.astuple(AC.Tile(16, 16, 8, 1, 255)) == (16, 16, 8, 1, 255), "the table's tuple order"
+    assert AC.Tile(16, 16, 8, 1, 255).key() == (16, 16, 8, 1, 255), "the table's tuple order"
+    assert AC.Tile(128, 128, 8, 3, tma=True).key() == (128, 128, 8, 3, None)
+    assert AC.Tile.of(AC.Tile(128, 128, 8, 3, tma=True).config()).tma, "TMA survives the round trip"
+    assert "TMA" not in AC.Tile(128, 128, 8, 3).config().kwargs, "plain configs launch the kernel's default"
 
 # ----------------------------------------------------------------------------------------------------
 # Config factories (the autotuner and the AOT report prune with these)
@@ -242,7 +245,7 @@ def test_tile_table_matches_the_config_lists_and_the_rules():
                         if arch == 90 and path.startswith("tc"):
                             assert rows >= 64, (variant, path, block_d, t)
     assert count > 100
-    by_tile = {_tile(c): c for c in lists["fwd"]}
+    by_tile = {_tile(c): c for c in lists["fwd"] if not c.kwargs.get("TMA")}
     for t in CLEAN_TILES[90]["fwd"]["tc16"][128]:
         assert AC.keep(by_tile[t], 128, 2, 90) and AC.keep(by_tile[t], 80, 2, 90)
     assert not any(AC.keep(c, 64, 2, 90) for t, c in by_tile.items() if t[0] < 64)
@@ -266,14 +269,14 @@ def test_feature_launches_have_their_own_tile_variant(monkeypatch):
     assert AC.has_features({"HAS_DROPOUT": True}) and AC.has_features({"IS_VARLEN": True, "HAS_LEFT": False})
     assert not AC.has_features({"IS_CAUSAL": True, "HEAD_D": 64, "HAS_ALIBI": False})
     tile = AC.Tile(64, 64, 4, 2)
-    table = {90: {"fwd": {"tc16": {64: (dataclasses.astuple(tile),)}}}}
+    table = {90: {"fwd": {"tc16": {64: (tile.key(),)}}}}
     monkeypatch.setattr(AC, "CLEAN_TILES", table)
     assert AC.keep(tile.config(), 64, 2, 90, kernel="fwd", features=True)
     table[90]["fwd_features"] = {"tc16": {64: ()}}
     assert not AC.keep(tile.config(), 64, 2, 90, kernel="fwd", features=True)
     assert AC.keep(tile.config(), 64, 2, 90, kernel="fwd")
     small = AC.Tile(32, 32, 4, 2)
-    table[90]["fwd_features"] = {"tc16": {64: (dataclasses.astuple(small),)}}
+    table[90]["fwd_features"] = {"tc16": {64: (small.key(),)}}
     configs = [tile.config(), small.config()]
     args = {"HEAD_D": 64, "HEAD_DV": 64, "LQ_BUCKET": 1024, "LK_BUCKET": 1024}
     assert [AC.Tile.of(c) for c in AC.prune(configs, args, kernel="fwd", dtype_bytes=2, arch=90)] == [tile]

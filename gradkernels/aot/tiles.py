@@ -28,7 +28,7 @@ def attention_tile_table(rows: Sequence[dict]) -> dict:
     listed for (calibrated arch, kernel variant, matmul path, head-dim block) when every compiled row of
     it there passed (fp16 and bf16 share the "tc16" path; D = 80 and 128 share the 128 block) and is left
     out when any failed. Variants are ``attention_configs.tile_variant``'s (launches with feature flags
-under their own "_features" variants); the path is the launch's own
+under their own "_features" variants, TMA tiles under "_tma" ones); the path is the launch's own
     (the launcher runs some fp32-tf32 launches in "ieee"). A tile is the tuple of an
     ``attention_configs.Tile``'s fields: ``(block_m, block_n, num_warps, num_stages, maxnreg)``.
     """
@@ -39,11 +39,12 @@ under their own "_features" variants); the path is the launch's own
             continue
         c, o = r["constexprs"], r["options"]
         variant = attention_configs.tile_variant(kernel, c["HEAD_D"], c["HEAD_DV"], c.get("COMPUTE_DK", True),
-                                                 c.get("COMPUTE_DV", True), attention_configs.has_features(c))
+                                                 c.get("COMPUTE_DV", True), attention_configs.has_features(c),
+                                                 tma=bool(c.get("TMA")))
         path = matmul_path(DTYPES[r["dtype"]].nbytes, c.get("INPUT_PRECISION"))
         block_d = max(64, c["BLOCK_D"], c["BLOCK_DV"])
         tile = attention_configs.Tile(c["BLOCK_M"], c["BLOCK_N"], o["num_warps"], o["num_stages"], o.get("maxnreg"))
-        key = (calibrated(r["arch"]), variant, path, block_d, dataclasses.astuple(tile))
+        key = (calibrated(r["arch"]), variant, path, block_d, tile.key())
         verdict[key] = verdict.get(key, True) and not r["failures"]
     table: dict = {}
     for (arch, variant, path, block_d, tile), clean in sorted(verdict.items(), key=lambda kv: repr(kv[0])):

@@ -113,15 +113,21 @@ def _autotuned(kernel):
     else:
         fn = kernels.attn_bwd_dkdv_kernel if kernel == "dkdv" else kernels.attn_bwd_dq_kernel
         tiles = configs.get_attn_bwd_configs()[kernel]
-    keys = _KEYS + (["COMPUTE_DK", "COMPUTE_DV"] if kernel == "dkdv" else [])
+    keys = _KEYS + ["TMA_OK"] + (["COMPUTE_DK", "COMPUTE_DV"] if kernel == "dkdv" else [])
     prune = {"early_config_prune": functools.partial(_prune, kernel)}
     return triton.autotune(configs=tiles, key=keys, prune_configs_by=prune)(fn)
 
 
-def _launch(kernel, fn, grid, args, flags, pinned):
+def _launch(kernel, fn, grid, args, flags, pinned, tma_ok=False):
+    """Launch through the kernel's autotuner on a GPU, with the interpreter's ``pinned`` tile otherwise
+    (a pinned ``TMA`` tile runs only where ``tma_ok``: the tests pin one to run the descriptor path)."""
     if _device.use_autotune():
+        if tma_ok:
+            _device.ensure_scratch_allocator()  # TMA tiles build their descriptors in global scratch
         _autotuned(kernel)[grid](*args, **flags)
     else:
+        if pinned.get("TMA") and not tma_ok:
+            pinned = {name: value for name, value in pinned.items() if name != "TMA"}
         fn[grid](*args, **flags, **pinned)
 
 
@@ -255,10 +261,12 @@ def _forward(q, k, v, out, lse, lse_lo, scale, launch, b, lq, lk, q_strides, k_s
     dv = v.shape[-1]
     q, scale = _sign_folded(q, scale)
     causal_offset = launch.causal_offset
+    # TMA tiles (sm_90+, 16-bit): plain launches whose Q, K and V fit the descriptors' rules.
+    tma_ok = not configs.has_features(launch.flags) and configs.tma_compatible(q, k, v)
     args = (
         q, k, v, out, lse, lse_lo, float(scale),
         h, h // hkv, lq, lk, 0 if causal_offset is None else int(causal_offset),
-        configs.seqlen_bucket(lq), configs.seqlen_bucket(lk),
+        configs.seqlen_bucket(lq), configs.seqlen_bucket(lk), int(tma_ok),
         *q_strides, *k_strides, *v_strides, *o_strides, *l_strides, *launch.args,
     )
 
@@ -266,7 +274,7 @@ def _forward(q, k, v, out, lse, lse_lo, scale, launch, b, lq, lk, q_strides, k_s
         return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
     _launch("fwd", kernels.attn_fwd_kernel, grid, args, _flags(q, d, dv, causal_offset, launch.flags),
-            configs.INTERPRETER_FWD_CONFIG)
+            configs.INTERPRETER_FWD_CONFIG, tma_ok)
 
 
 def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale, *, need_dq=True, need_dk=True,
@@ -358,12 +366,14 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
     common = (float(kernel_scale),)
     sizes_tail = (lq, lk, offset, configs.seqlen_bucket(lq), configs.seqlen_bucket(lk))
 
+    # TMA tiles (sm_90+, 16-bit): plain launches whose Q, K, V and dO fit the descriptors' rules.
+    tma_ok = not configs.has_features(launch.flags) and configs.tma_compatible(q, k, v, grad_out)
     if need_kv:
         # A skipped gradient's pointer is never read (COMPUTE_DK/DV = False): pass the other buffer.
         dk_buf = dk if dk is not None else dv
         dv_buf = dv if dv is not None else dk
         args = (q, k, v, grad_out, lse, lse_lo, delta, dk_buf, dv_buf, *common, hkv, h // hkv, *sizes_tail,
-                *in_strides, *kernel_strides(dk_buf), *kernel_strides(dv_buf), *launch.args)
+                int(tma_ok), *in_strides, *kernel_strides(dk_buf), *kernel_strides(dv_buf), *launch.args)
 
         def grid_kv(meta):
             return (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)
@@ -374,15 +384,15 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
             passes = ((dk is not None, dv is not None),)
         for compute_dk, compute_dv in passes:
             _launch("dkdv", kernels.attn_bwd_dkdv_kernel, grid_kv, args,
-                    dict(flags, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv), configs.INTERPRETER_BWD_CONFIG)
+                    dict(flags, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv), configs.INTERPRETER_BWD_CONFIG, tma_ok)
     if dq is not None:
-        args = (q, k, v, grad_out, lse, lse_lo, delta, dq, *common, h, h // hkv, *sizes_tail, *in_strides,
-                *kernel_strides(dq), *launch.args)
+        args = (q, k, v, grad_out, lse, lse_lo, delta, dq, *common, h, h // hkv, *sizes_tail, int(tma_ok),
+                *in_strides, *kernel_strides(dq), *launch.args)
 
         def grid_q(meta):
             return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
-        _launch("dq", kernels.attn_bwd_dq_kernel, grid_q, args, flags, configs.INTERPRETER_BWD_CONFIG)
+        _launch("dq", kernels.attn_bwd_dq_kernel, grid_q, args, flags, configs.INTERPRETER_BWD_CONFIG, tma_ok)
         if scale <= 0:  # dQ of the folded q' = sign * q (see _sign_folded)
             dq.neg_() if scale < 0 else dq.zero_()
 

@@ -1,0 +1,142 @@
+"""The attention kernels' TMA tiles (Q, K, V and dO through tensor descriptors; sm_90+, fp16/bf16, plain
+launches): the forward, dK/dV and dQ.
+
+Under the interpreter the descriptor paths are run by pinning TMA tiles (the launcher then passes ``TMA``
+to each kernel where the tensors allow it, and drops it where they do not); on a GPU the autotuner picks
+among the TMA tiles the table lists for sm_90. Results are checked against the two oracles of
+test_attention.py; the rules that decide where TMA tiles may run are checked directly.
+"""
+
+import math
+
+import pytest
+import torch
+
+import gradkernels
+from gradkernels.kernels import attention_configs as configs
+from gradkernels.ops import attention as attention_ops
+from test_attention import _oracles, _qkv
+from utils import DEVICE, ON_GPU, check_attention
+
+TMA_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "TMA": True}
+KERNELS = ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
+
+
+class _Recorder:
+    """Stands in for the attention kernels in the launcher: records each launch's ``(kernel, TMA_OK, TMA)``
+    and runs it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def wrap(self, name, kernel):
+        recorder = self
+
+        class Wrapped:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    tma_ok = args[kernel.arg_names.index("TMA_OK")]
+                    recorder.launches.append((name, tma_ok, kwargs.get("TMA", False)))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Wrapped()
+
+
+def _pin_tma(monkeypatch):
+    """Pin TMA tiles for the interpreter's launches and record what the kernels are handed."""
+    monkeypatch.setattr(configs, "INTERPRETER_FWD_CONFIG", TMA_TILE)
+    monkeypatch.setattr(configs, "INTERPRETER_BWD_CONFIG", TMA_TILE)
+    recorder = _Recorder()
+    for name in KERNELS:
+        monkeypatch.setattr(attention_ops.kernels, name, recorder.wrap(name, getattr(attention_ops.kernels, name)))
+    return recorder
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, causal, top_left, layout): odd lengths (partial blocks read past the end
+# through the descriptors), head dims below the 64-wide block (columns past D read as zeros), GQA (the dK/dV
+# kernel's 3-D descriptors over the group's heads), rows with no key, (B, L, H, D) storage.
+CASES = [
+    (1, 2, 2, 37, 53, 64, 64, False, False, "bhld"),
+    (1, 2, 2, 97, 97, 40, 40, True, False, "bhld"),
+    (1, 4, 2, 53, 37, 80, 80, True, False, "bhld"),  # GQA; bottom-right with Lq > Lk: 16 rows see no key
+    (1, 2, 1, 113, 129, 64, 48, True, True, "bhld"),  # MQA, top-left, Dv != D
+    (2, 1, 1, 1, 257, 128, 128, True, False, "bhld"),  # decoding
+    (2, 4, 2, 45, 45, 64, 64, True, False, "blhd"),  # head-interleaved rows of 4 x 64 x 2 bytes
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,lq,lk,d,dv,causal,top_left,layout", CASES)
+def test_tma_tiles_match_the_reference(b, hq, hkv, lq, lk, d, dv, causal, top_left, layout, monkeypatch):
+    recorder = _pin_tma(monkeypatch)
+    q, k, v = _qkv(b, hq, hkv, lq, lk, d, dv, torch.float16, layout=layout)
+    grad_out = torch.randn(b, hq, lq, dv, device=DEVICE, dtype=torch.float16)
+    offset = None if not causal else (0 if top_left else lk - lq)
+    scale = 1 / math.sqrt(d)
+    out, lse = gradkernels.autograd.attention(q, k, v, offset, scale)
+    ours = (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
+    align = "top_left" if top_left else "bottom_right"
+    check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float32)
+    if gradkernels.backend_for(q) != "torch" and not ON_GPU:
+        assert recorder.launches == [(name, 1, True) for name in KERNELS], "a kernel did not run its TMA path"
+
+
+def test_tensors_tma_cannot_read_run_the_pointer_path(monkeypatch):
+    """A pinned TMA tile is dropped where the descriptors' rules fail (here a (B, L, H, D) layout whose
+    row stride, 3 heads x 36 x 2 bytes, is not a multiple of 16 bytes): same results, no TMA."""
+    recorder = _pin_tma(monkeypatch)
+    q, k, v = _qkv(1, 3, 3, 37, 45, 36, 36, torch.float16, layout="blhd")
+    assert not configs.tma_compatible(q, k, v)
+    grad_out = torch.randn(1, 3, 37, 36, device=DEVICE, dtype=torch.float16)
+    out, lse = gradkernels.autograd.attention(q, k, v, 45 - 37, 1 / math.sqrt(36))
+    ours = (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
+    check_attention(ours, _oracles(q, k, v, grad_out, True, 1 / math.sqrt(36)), torch.float32)
+    if gradkernels.backend_for(q) != "torch" and not ON_GPU:
+        assert recorder.launches == [(name, 0, False) for name in KERNELS]
+
+
+def _t(*shape, dtype=torch.float16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_tma_compatible_follows_the_descriptor_rules():
+    assert configs.tma_compatible(_t(2, 4, 100, 64), _t(2, 4, 100, 40))
+    assert configs.tma_compatible(_t(2, 100, 4, 64).transpose(1, 2))  # (B, L, H, D): 512-byte rows
+    assert not configs.tma_compatible(_t(2, 4, 100, 64, dtype=torch.float32))  # 16-bit tiles only
+    assert not configs.tma_compatible(_t(2, 4, 100, 256))  # head dims above 128: no TMA tiles
+    assert not configs.tma_compatible(_t(2, 4, 64, 100).transpose(2, 3))  # last dim not contiguous
+    assert not configs.tma_compatible(_t(2, 4, 100, 36))  # 72-byte rows
+    assert not configs.tma_compatible(_t(2, 3, 100, 40)[..., 4:])  # 80-byte rows, base 8 bytes in
+    base = torch.empty(2 * 4 * 100 * 64 + 1, dtype=torch.float16)
+    assert not configs.tma_compatible(base[1:].view(2, 4, 100, 64))  # base address off by 2 bytes
+
+
+def _fwd_args(**kw):
+    args = {"HEAD_D": 128, "HEAD_DV": 128, "LQ_BUCKET": 4096, "LK_BUCKET": 4096, "INPUT_PRECISION": "ieee",
+            "TMA_OK": 1}
+    return {**args, **kw}
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_prune_offers_tma_tiles_only_where_they_may_run(kernel):
+    """sm_90, 16-bit, plain launch with TMA_OK: TMA tiles are offered (for the forward and dQ the largest
+    kept tile is a 128 x 128 TMA one); without TMA_OK, on sm_80, for fp32 or with a feature flag: none."""
+    tiles = configs.get_attn_fwd_configs() if kernel == "fwd" else configs.get_attn_bwd_configs()[kernel]
+
+    def tma_tiles(args, dtype_bytes=2, arch=90):
+        kept = configs.prune(tiles, args, kernel=kernel, dtype_bytes=dtype_bytes, arch=arch)
+        return [configs.Tile.of(c) for c in kept if c.kwargs.get("TMA")]
+
+    picked = tma_tiles(_fwd_args())
+    assert picked
+    if kernel != "dkdv":
+        assert (picked[0].block_m, picked[0].block_n) == (128, 128)
+    assert tma_tiles(_fwd_args(TMA_OK=0)) == []
+    assert tma_tiles(_fwd_args(), arch=80) == []
+    assert tma_tiles(_fwd_args(), dtype_bytes=4) == []
+    assert tma_tiles(_fwd_args(HAS_SOFTCAP=True)) == []
+    for c in tiles:
+        if c.kwargs.get("TMA"):
+            assert not configs.keep(c, 256, 2, 90, kernel=kernel), "no TMA tiles above D = 128"
+            assert not configs.keep(c, 128, 2, 80, kernel=kernel), "no TMA before sm_90"
