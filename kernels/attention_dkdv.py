@@ -181,6 +181,53 @@ def _attn_bwd_dkdv_features(
                    LK - start_n, HEAD_DV)
 
 
+@triton.jit
+def _attn_bwd_dkdv_tma(
+    dk, dv, k, v, q_desc, do_desc, LSE_b, LSE_LO_b, DELTA_b, start_n, lo, n_blocks, GROUP, LQ, CAUSAL_OFFSET,
+    qk_scale, stride_lh, stride_lm, stride_deh, stride_dem,
+    MASKED: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """The TMA tiles' dK/dV loop over ``GROUP * n_blocks`` (query head of the group, query block) pairs from
+    query row ``lo``. ``MASKED``: the blocks on the causal diagonal (the mask, and the row statistics read
+    through :func:`load_row_stats`, whose -inf -> +inf remap keeps the P of rows that see no key finite
+    before the mask zeroes it). Unmasked: blocks whose every row sees every key of the block, so no row is
+    empty and the LSE is used as stored; rows past LQ read LSE = +inf (P = 0). Keys past LK need no mask
+    here: each key row of dK/dV only sums its own P^T row, and those rows are never stored."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    for it in range(0, GROUP * n_blocks):
+        g = it // n_blocks
+        start_m = lo + (it - g * n_blocks) * BLOCK_M
+        q = q_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_D)
+        do = do_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_DV)
+        row = g * stride_lh + start_m * stride_lm
+        delta_row = g * stride_deh + start_m * stride_dem
+        if MASKED:
+            row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row, DELTA_b + delta_row, offs_m,
+                                                    LQ - start_m, stride_lm, stride_dem, ACC_DTYPE)
+        else:
+            valid = offs_m < tl.minimum(LQ - start_m, BLOCK_M).to(tl.int32)
+            row_hi = tl.load(LSE_b + row + offs_m * stride_lm, mask=valid, other=float("inf")).to(ACC_DTYPE) * LOG2E
+            row_lo = tl.load(LSE_LO_b + row + offs_m * stride_lm, mask=valid, other=0.0).to(ACC_DTYPE)
+            delta = tl.load(DELTA_b + delta_row + offs_m * stride_dem, mask=valid, other=0.0).to(ACC_DTYPE)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -row_hi[None, :]) - row_lo[None, :])
+        if MASKED:
+            # Key start_n + c is visible to query start_m + r iff r >= c - shift: one compare per element
+            # against a per-key bound (no hoisted index tile).
+            shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+            p_t = tl.where(offs_m[None, :] >= (offs_n - shift)[:, None], p_t, 0.0)
+        if COMPUTE_DV:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if COMPUTE_DK:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["LQ", "LK", "CAUSAL_OFFSET", "LEFT_OFFSET", "DIAG", "THRESHOLD"])
 def attn_bwd_dkdv_kernel(
     # pointers
@@ -295,37 +342,47 @@ def attn_bwd_dkdv_kernel(
         else:
             lo = start_n * 0
         n_blocks = tl.cdiv(LQ - lo, BLOCK_M).to(tl.int32)
-        for it in range(0, GROUP * n_blocks):
-            g = it // n_blocks
-            start_m = lo + (it - g * n_blocks) * BLOCK_M
-            rows = LQ - start_m
-            if TMA:
-                q = q_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_D)
-                do = do_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_DV)
-            else:
+        if TMA:
+            # Diagonal blocks (masked) first, then the bulk whose rows see every key of the block.
+            n_diag = n_blocks * 0
+            if IS_CAUSAL:
+                first_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_OFFSET, 0), BLOCK_M) * BLOCK_M
+                n_diag = tl.minimum(tl.maximum(first_full - lo, 0) // BLOCK_M, n_blocks).to(tl.int32)
+            dk, dv = _attn_bwd_dkdv_tma(
+                dk, dv, k, v, q_desc, do_desc, LSE_b, LSE_LO_b, DELTA_b, start_n, lo, n_diag, GROUP, LQ,
+                CAUSAL_OFFSET, qk_scale, stride_lh, stride_lm, stride_deh, stride_dem,
+                True, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE,
+            )
+            dk, dv = _attn_bwd_dkdv_tma(
+                dk, dv, k, v, q_desc, do_desc, LSE_b, LSE_LO_b, DELTA_b, start_n, lo + n_diag * BLOCK_M,
+                n_blocks - n_diag, GROUP, LQ, CAUSAL_OFFSET, qk_scale, stride_lh, stride_lm, stride_deh, stride_dem,
+                False, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE,
+            )
+        else:
+            for it in range(0, GROUP * n_blocks):
+                g = it // n_blocks
+                start_m = lo + (it - g * n_blocks) * BLOCK_M
+                rows = LQ - start_m
                 q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
                               rows, HEAD_D)
-                do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom,
-                               stride_dod, rows, HEAD_DV)
-            row = g * stride_lh + start_m * stride_lm
-            row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row,
-                                                    DELTA_b + g * stride_deh + start_m * stride_dem,
-                                                    offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -row_hi[None, :]) - row_lo[None, :])
-            if IS_CAUSAL:
-                # Key start_n + c is visible to query start_m + r iff c - r <= shift (int32, see visible_tile).
-                shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
-                if TMA:  # one compare against a per-key bound (r >= c - shift): no hoisted index tile
-                    p_t = tl.where(offs_m[None, :] >= (offs_n - shift)[:, None], p_t, 0.0)
-                else:
+                do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
+                               rows, HEAD_DV)
+                row = g * stride_lh + start_m * stride_lm
+                row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row,
+                                                        DELTA_b + g * stride_deh + start_m * stride_dem,
+                                                        offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
+                qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -row_hi[None, :]) - row_lo[None, :])
+                if IS_CAUSAL:
+                    # Key start_n + c is visible to query start_m + r iff c - r <= shift (int32, see visible_tile).
+                    shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
                     p_t = tl.where(offs_n[:, None] - offs_m[None, :] <= shift, p_t, 0.0)
-            if COMPUTE_DV:
-                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if COMPUTE_DK:
-                dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if COMPUTE_DV:
+                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if COMPUTE_DK:
+                    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
         if COMPUTE_DK:
             store_tile(DK + b * stride_dkb + kvh * stride_dkh + start_n * stride_dkn,

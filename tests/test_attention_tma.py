@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gradkernels
 from gradkernels.kernels import attention_configs as configs
@@ -80,6 +82,26 @@ def test_tma_tiles_match_the_reference(b, hq, hkv, lq, lk, d, dv, causal, top_le
     check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float32)
     if gradkernels.backend_for(q) != "torch" and not ON_GPU:
         assert recorder.launches == [(name, 1, True) for name in KERNELS], "a kernel did not run its TMA path"
+
+
+@settings(max_examples=15, deadline=None)
+@given(lq=st.integers(1, 100), lk=st.integers(1, 100), d=st.sampled_from([8, 24, 40, 64, 72]),
+       group=st.sampled_from([1, 2, 3]), causal=st.booleans(), top_left=st.booleans())
+def test_fuzz_tma_block_ranges(lq, lk, d, group, causal, top_left):
+    """Random lengths around the 32-row pinned tiles and both causal alignments: the dK/dV TMA loop's split
+    into masked diagonal blocks and unmasked bulk blocks, and the forward/dQ key ranges, for every offset."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        recorder = _pin_tma(monkeypatch)
+        q, k, v = _qkv(1, group, 1, lq, lk, d, d, torch.float16)
+        grad_out = torch.randn(1, group, lq, d, device=DEVICE, dtype=torch.float16)
+        offset = None if not causal else (0 if top_left else lk - lq)
+        scale = 1 / math.sqrt(d)
+        out, lse = gradkernels.autograd.attention(q, k, v, offset, scale)
+        ours = (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
+    align = "top_left" if top_left else "bottom_right"
+    check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float32)
+    if gradkernels.backend_for(q) != "torch" and not ON_GPU:
+        assert [tma for _, _, tma in recorder.launches] == [True] * 3
 
 
 def test_tensors_tma_cannot_read_run_the_pointer_path(monkeypatch):
