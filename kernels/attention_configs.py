@@ -298,11 +298,11 @@ def tma_supported(arch):
 
 def tma_compatible(*tensors):
     """Whether K and V can be read through TMA descriptors: 16-bit elements (the TMA tiles are calibrated
-    for those), head dims of 128 at most, the last dimension contiguous, and every other stride and the
-    base address multiples of 16 bytes (TMA's rules; each (batch, head) plane is one 2-D descriptor)."""
+    for those), head dims from 8 (16-byte rows) to 128, the last dimension contiguous, and every other stride
+    and the base address multiples of 16 bytes (TMA's rules; each (batch, head) plane is one descriptor)."""
     for t in tensors:
         size = t.element_size()
-        if size != 2 or head_block(t.shape[-1]) > 128 or t.stride(-1) != 1:
+        if size != 2 or t.shape[-1] * size < 16 or head_block(t.shape[-1]) > 128 or t.stride(-1) != 1:
             return False
         if any(st * size % 16 for st in t.stride()[:-1]):
             return False

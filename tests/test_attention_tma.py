@@ -129,6 +129,7 @@ def test_tma_compatible_follows_the_descriptor_rules():
     assert not configs.tma_compatible(_t(2, 4, 100, 256))  # head dims above 128: no TMA tiles
     assert not configs.tma_compatible(_t(2, 4, 64, 100).transpose(2, 3))  # last dim not contiguous
     assert not configs.tma_compatible(_t(2, 4, 100, 36))  # 72-byte rows
+    assert not configs.tma_compatible(_t(2, 4, 100, 64)[..., :4])  # 8-byte rows, though 128-byte strides
     assert not configs.tma_compatible(_t(2, 3, 100, 40)[..., 4:])  # 80-byte rows, base 8 bytes in
     base = torch.empty(2 * 4 * 100 * 64 + 1, dtype=torch.float16)
     assert not configs.tma_compatible(base[1:].view(2, 4, 100, 64))  # base address off by 2 bytes
@@ -142,8 +143,8 @@ def _fwd_args(**kw):
 
 @pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
 def test_prune_offers_tma_tiles_only_where_they_may_run(kernel):
-    """sm_90, 16-bit, plain launch with TMA_OK: TMA tiles are offered (for the forward and dQ the largest
-    kept tile is a 128 x 128 TMA one); without TMA_OK, on sm_80, for fp32 or with a feature flag: none."""
+    """sm_90, 16-bit, plain launch with TMA_OK: TMA tiles are offered (for the forward the largest kept tile is
+    a 128 x 128 TMA one); without TMA_OK, on sm_80, for fp32 or with a feature flag: none."""
     tiles = configs.get_attn_fwd_configs() if kernel == "fwd" else configs.get_attn_bwd_configs()[kernel]
 
     def tma_tiles(args, dtype_bytes=2, arch=90):
@@ -152,7 +153,7 @@ def test_prune_offers_tma_tiles_only_where_they_may_run(kernel):
 
     picked = tma_tiles(_fwd_args())
     assert picked
-    if kernel != "dkdv":
+    if kernel == "fwd":
         assert (picked[0].block_m, picked[0].block_n) == (128, 128)
     assert tma_tiles(_fwd_args(TMA_OK=0)) == []
     assert tma_tiles(_fwd_args(), arch=80) == []
