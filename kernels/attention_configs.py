@@ -412,8 +412,8 @@ def prune(configs, args, *, kernel, dtype_bytes, arch):
     Args:
         configs: the autotuner's list for ``kernel``.
         args: the launch's arguments by kernel parameter name: ``HEAD_D``, ``HEAD_DV``, ``LQ_BUCKET``,
-            ``LK_BUCKET``, ``INPUT_PRECISION``, ``TMA_OK`` (forward), the feature flags and, for "dkdv", ``COMPUTE_DK`` /
-            ``COMPUTE_DV`` are read.
+            ``LK_BUCKET``, ``INPUT_PRECISION``, ``TMA_OK``, the feature flags and, for "dkdv",
+            ``COMPUTE_DK`` / ``COMPUTE_DV`` are read.
         kernel: "fwd", "dkdv" or "dq".
         dtype_bytes: element size of Q.
         arch: compute capability of the launch's device as an int.
