@@ -133,7 +133,7 @@ def ensure_scratch_allocator() -> None:
     """Give Triton a global-scratch allocator, unless the caller has set one.
 
     Kernels that build TMA tensor descriptors on the device (``tl.make_tensor_descriptor``: the attention
-    forward's TMA tiles) write them to scratch memory that Triton asks an allocator for at launch
+    kernels' TMA tiles) write them to scratch memory that Triton asks an allocator for at launch
     (``triton.set_allocator``; without one the launch raises). This one takes it from torch's caching
     allocator (128 bytes per descriptor and program). Triton keeps the allocator in a context variable,
     so it is set in the launching thread (autograd may run a backward on another); a caller's own is kept.
