@@ -50,7 +50,7 @@ aot-check-triton36: $(VENV36)/.installed
 	$(VPY36) -m gradkernels.aot check --failures-only
 
 # The static performance report (bench/GPU.md, "Static performance report"), written under
-# bench/results/static/ with the Triton version in the name; ~1 h per Triton on 2 cores.
+# bench/results/static/ with the Triton version in the name; ~4-5 min per Triton on 2 cores (2026-11-30).
 perf: $(VENV)/.installed
 	$(VPY) -m gradkernels.aot perf --arch 80,90 --picked-only \
 		--json $(PERF_OUT)/perf-triton-$$($(VPY) -c 'import triton; print(triton.__version__)').json \
