@@ -92,7 +92,7 @@ import triton.language as tl
 
 from ._common import load_tile, store_tile
 from .attention_common import (
-    scales, causal_key_range, visible_tile, visible_rows, sequence_bounds, feature_scalars, mod_scores,
+    scales, causal_key_range, visible_tile, visible_rows, plane_descriptor, sequence_bounds, feature_scalars, mod_scores,
     window_visible_tile, window_key_range, LOG2E, LN2,
 )
 from .dropout import dropout_keep_block
@@ -292,8 +292,7 @@ def attn_fwd_kernel(
     if TMA:
         # Q through a descriptor too: it then stays in shared memory as the wgmma's A operand instead of
         # holding 64 registers per thread for the whole program (rows past LQ read as zeros).
-        q_desc = tl.make_tensor_descriptor(Q_blk - start_m * stride_qm, shape=[LQ, HEAD_D], strides=[stride_qm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
+        q_desc = plane_descriptor(Q_blk - start_m * stride_qm, LQ, stride_qm, HEAD_D, BLOCK_M, BLOCK_D)
         q = q_desc.load([start_m.to(tl.int32), 0])
     else:
         q = load_tile(Q_blk, offs_m_local, offs_d, stride_qm, stride_qd, LQ - start_m, HEAD_D)
@@ -348,10 +347,8 @@ def attn_fwd_kernel(
         if TMA:
             # One 2-D descriptor per (batch, kv head); the launcher checked stride_kd = stride_vd = 1 and
             # 16-byte aligned rows (attention_configs.tma_compatible).
-            k_desc = tl.make_tensor_descriptor(K_bh, shape=[LK, HEAD_D], strides=[stride_kn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-            v_desc = tl.make_tensor_descriptor(V_bh, shape=[LK, HEAD_DV], strides=[stride_vn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_DV])
+            k_desc = plane_descriptor(K_bh, LK, stride_kn, HEAD_D, BLOCK_N, BLOCK_D)
+            v_desc = plane_descriptor(V_bh, LK, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV)
         else:
             k_desc = None
             v_desc = None

@@ -64,6 +64,14 @@ def visible_tile(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL: tl.constexpr, B
 
 
 @triton.jit
+def plane_descriptor(base, rows, stride_row, COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """TMA descriptor of one (batch, head) plane of ``rows`` x ``COLS`` elements, row stride ``stride_row``,
+    last dim contiguous (the launcher checked it: ``attention_configs.tma_compatible``), read in
+    (BLOCK_R, BLOCK_C) boxes: rows past ``rows`` and columns past ``COLS`` read as zeros."""
+    return tl.make_tensor_descriptor(base, shape=[rows, COLS], strides=[stride_row, 1], block_shape=[BLOCK_R, BLOCK_C])
+
+
+@triton.jit
 def visible_rows(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """:func:`visible_tile` as one compare per element against a per-row bound: key ``c`` of the tile is

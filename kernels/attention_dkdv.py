@@ -5,7 +5,8 @@ import triton.language as tl
 
 from ._common import load_tile, store_tile
 from .attention_common import (
-    scales, sequence_bounds, feature_scalars, mod_scores, window_visible_tile, load_row_stats, LOG2E,
+    scales, sequence_bounds, feature_scalars, mod_scores, window_visible_tile, load_row_stats, plane_descriptor,
+    LOG2E,
 )
 from .dropout import dropout_keep
 
@@ -309,10 +310,8 @@ def attn_bwd_dkdv_kernel(
         if TMA:
             # K and V stay in shared memory as the wgmma's A operands (not 2 x BLOCK_N x D registers);
             # Q and dO stream through 3-D descriptors (group head, row, dim): rows past LQ read as zeros.
-            k_desc = tl.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh, shape=[LK, HEAD_D],
-                                               strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-            v_desc = tl.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh, shape=[LK, HEAD_DV],
-                                               strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+            k_desc = plane_descriptor(K + b * stride_kb + kvh * stride_kh, LK, stride_kn, HEAD_D, BLOCK_N, BLOCK_D)
+            v_desc = plane_descriptor(V + b * stride_vb + kvh * stride_vh, LK, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV)
             q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h0 * stride_qh, shape=[GROUP, LQ, HEAD_D],
                                                strides=[stride_qh, stride_qm, 1], block_shape=[1, BLOCK_M, BLOCK_D])
             do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h0 * stride_doh, shape=[GROUP, LQ, HEAD_DV],

@@ -5,7 +5,7 @@ import triton.language as tl
 
 from ._common import load_tile, store_tile
 from .attention_common import (
-    scales, causal_key_range, visible_tile, visible_rows, sequence_bounds, feature_scalars, mod_scores,
+    scales, causal_key_range, visible_tile, visible_rows, plane_descriptor, sequence_bounds, feature_scalars, mod_scores,
     window_visible_tile, window_key_range, load_row_stats,
 )
 from .dropout import dropout_keep_block
@@ -224,14 +224,11 @@ def attn_bwd_dq_kernel(
         V_bh = V + b * stride_vb + kvh * stride_vh
         if TMA:
             # Q and dO stay in shared memory as the wgmma's A operands; K and V stream through TMA.
-            q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[LQ, HEAD_D],
-                                               strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-            do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[LQ, HEAD_DV],
-                                                strides=[stride_dom, 1], block_shape=[BLOCK_M, BLOCK_DV])
-            k_desc = tl.make_tensor_descriptor(K_bh, shape=[LK, HEAD_D], strides=[stride_kn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-            v_desc = tl.make_tensor_descriptor(V_bh, shape=[LK, HEAD_DV], strides=[stride_vn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_DV])
+            q_desc = plane_descriptor(Q + b * stride_qb + h * stride_qh, LQ, stride_qm, HEAD_D, BLOCK_M, BLOCK_D)
+            do_desc = plane_descriptor(DO + b * stride_dob + h * stride_doh, LQ, stride_dom, HEAD_DV, BLOCK_M,
+                                       BLOCK_DV)
+            k_desc = plane_descriptor(K_bh, LK, stride_kn, HEAD_D, BLOCK_N, BLOCK_D)
+            v_desc = plane_descriptor(V_bh, LK, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV)
             q = q_desc.load([start_m.to(tl.int32), 0])
             do = do_desc.load([start_m.to(tl.int32), 0])
         else:

@@ -56,6 +56,20 @@ def _pin_tma(monkeypatch):
     return recorder
 
 
+def _run_and_check(qkv, causal, top_left):
+    """Forward and backward through the kernels, checked against the two oracles; returns q."""
+    q, k, v = qkv
+    b, hq, lq, lk, d, dv = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    grad_out = torch.randn(b, hq, lq, dv, device=DEVICE, dtype=q.dtype)
+    offset = None if not causal else (0 if top_left else lk - lq)
+    scale = 1 / math.sqrt(d)
+    out, lse = gradkernels.autograd.attention(q, k, v, offset, scale)
+    ours = (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
+    align = "top_left" if top_left else "bottom_right"
+    check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float32)
+    return q
+
+
 # (B, Hq, Hkv, Lq, Lk, D, Dv, causal, top_left, layout): odd lengths (partial blocks read past the end
 # through the descriptors), head dims below the 64-wide block (columns past D read as zeros), GQA (the dK/dV
 # kernel's 3-D descriptors over the group's heads), rows with no key, (B, L, H, D) storage.
@@ -72,14 +86,7 @@ CASES = [
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,d,dv,causal,top_left,layout", CASES)
 def test_tma_tiles_match_the_reference(b, hq, hkv, lq, lk, d, dv, causal, top_left, layout, monkeypatch):
     recorder = _pin_tma(monkeypatch)
-    q, k, v = _qkv(b, hq, hkv, lq, lk, d, dv, torch.float16, layout=layout)
-    grad_out = torch.randn(b, hq, lq, dv, device=DEVICE, dtype=torch.float16)
-    offset = None if not causal else (0 if top_left else lk - lq)
-    scale = 1 / math.sqrt(d)
-    out, lse = gradkernels.autograd.attention(q, k, v, offset, scale)
-    ours = (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
-    align = "top_left" if top_left else "bottom_right"
-    check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float32)
+    q = _run_and_check(_qkv(b, hq, hkv, lq, lk, d, dv, torch.float16, layout=layout), causal, top_left)
     if gradkernels.backend_for(q) != "torch" and not ON_GPU:
         assert recorder.launches == [(name, 1, True) for name in KERNELS], "a kernel did not run its TMA path"
 
@@ -92,14 +99,7 @@ def test_fuzz_tma_block_ranges(lq, lk, d, group, causal, top_left):
     into masked diagonal blocks and unmasked bulk blocks, and the forward/dQ key ranges, for every offset."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         recorder = _pin_tma(monkeypatch)
-        q, k, v = _qkv(1, group, 1, lq, lk, d, d, torch.float16)
-        grad_out = torch.randn(1, group, lq, d, device=DEVICE, dtype=torch.float16)
-        offset = None if not causal else (0 if top_left else lk - lq)
-        scale = 1 / math.sqrt(d)
-        out, lse = gradkernels.autograd.attention(q, k, v, offset, scale)
-        ours = (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
-    align = "top_left" if top_left else "bottom_right"
-    check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float32)
+        q = _run_and_check(_qkv(1, group, 1, lq, lk, d, d, torch.float16), causal, top_left)
     if gradkernels.backend_for(q) != "torch" and not ON_GPU:
         assert [tma for _, _, tma in recorder.launches] == [True] * 3
 

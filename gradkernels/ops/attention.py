@@ -131,6 +131,12 @@ def _launch(kernel, fn, grid, args, flags, pinned, tma_ok=False):
         fn[grid](*args, **flags, **pinned)
 
 
+def _tma_ok(launch, *tensors):
+    """Whether a launch may run TMA tiles (sm_90+, 16-bit; the prune checks the arch): a plain launch (no
+    feature flag) whose tensors fit the descriptors' rules (``attention_configs.tma_compatible``)."""
+    return not configs.has_features(launch.flags) and configs.tma_compatible(*tensors)
+
+
 def _flags(q, d, dv, causal_offset, feature_flags=None):
     return dict(
         HEAD_D=d, HEAD_DV=dv, IS_CAUSAL=causal_offset is not None,
@@ -261,8 +267,7 @@ def _forward(q, k, v, out, lse, lse_lo, scale, launch, b, lq, lk, q_strides, k_s
     dv = v.shape[-1]
     q, scale = _sign_folded(q, scale)
     causal_offset = launch.causal_offset
-    # TMA tiles (sm_90+, 16-bit): plain launches whose Q, K and V fit the descriptors' rules.
-    tma_ok = not configs.has_features(launch.flags) and configs.tma_compatible(q, k, v)
+    tma_ok = _tma_ok(launch, q, k, v)
     args = (
         q, k, v, out, lse, lse_lo, float(scale),
         h, h // hkv, lq, lk, 0 if causal_offset is None else int(causal_offset),
@@ -366,8 +371,7 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
     common = (float(kernel_scale),)
     sizes_tail = (lq, lk, offset, configs.seqlen_bucket(lq), configs.seqlen_bucket(lk))
 
-    # TMA tiles (sm_90+, 16-bit): plain launches whose Q, K, V and dO fit the descriptors' rules.
-    tma_ok = not configs.has_features(launch.flags) and configs.tma_compatible(q, k, v, grad_out)
+    tma_ok = _tma_ok(launch, q, k, v, grad_out)
     if need_kv:
         # A skipped gradient's pointer is never read (COMPUTE_DK/DV = False): pass the other buffer.
         dk_buf = dk if dk is not None else dv
