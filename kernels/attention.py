@@ -93,7 +93,7 @@ import triton.language as tl
 from ._common import load_tile, store_tile
 from .attention_common import (
     scales, causal_key_range, visible_tile, visible_rows, plane_descriptor, sequence_bounds, feature_scalars, mod_scores,
-    window_visible_tile, window_key_range, LOG2E, LN2,
+    window_visible_tile, window_key_range, normalized_rows, row_lse,
 )
 from .dropout import dropout_keep_block
 
@@ -364,25 +364,14 @@ def attn_fwd_kernel(
             True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, TMA,
         )
 
-    # l == 0 exactly when the row saw no key (the row maximum contributes exp2(0) = 1 otherwise).
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc * (1.0 / l_safe)[:, None]
+    out, l_safe, empty = normalized_rows(acc, l_i)
     if IS_VARLEN:
         O_blk = O + q0 * stride_om + h * stride_oh + start_m * stride_om
     else:
         O_blk = O + b * stride_ob + h * stride_oh + start_m * stride_om
     store_tile(O_blk, out.to(O.dtype.element_ty), offs_m_local, offs_dv, stride_om, stride_od,
                LQ - start_m, HEAD_DV)
-    # The LSE in natural log for the caller, and for the backward its rounding residual in base 2:
-    # lse2 = m + log2(l) = fl(LSE * log2(e)) + LSE_LO to a few ulps of log2(l), not of m. With logits
-    # of 1e5 an fp32 LSE alone is off by up to 0.004 (2^-8), which the recomputed P would inherit.
-    log2_l = tl.math.log2(l_safe)
-    m_safe = tl.where(empty, 0.0, m_i)
-    lse = (m_safe + log2_l) * LN2
-    hi = lse.to(LSE.dtype.element_ty).to(ACC_DTYPE) * LOG2E
-    lse_lo = tl.where(empty, 0.0, (m_safe - hi) + log2_l)  # m - hi is exact when close (Sterbenz)
-    lse = tl.where(empty, float("-inf"), lse)
+    lse, lse_lo = row_lse(l_safe, empty, m_i, LSE.dtype.element_ty, ACC_DTYPE)
     row_mask = offs_m_local < LQ - start_m
     if IS_VARLEN:
         row_off = q0 * stride_lm + h * stride_lh + (start_m + offs_m_local) * stride_lm
@@ -395,3 +384,4 @@ def attn_fwd_kernel(
 # The backward kernels live in their own modules; launchers find all four here.
 from .attention_dkdv import attn_bwd_dkdv_kernel, attn_bwd_preprocess_kernel  # noqa: E402,F401
 from .attention_dq import attn_bwd_dq_kernel  # noqa: E402,F401
+from .attention_decode import attn_decode_kernel, attn_decode_combine_kernel  # noqa: E402,F401

@@ -64,6 +64,31 @@ def visible_tile(start_m, start_n, LK, CAUSAL_OFFSET, IS_CAUSAL: tl.constexpr, B
 
 
 @triton.jit
+def normalized_rows(acc, l_i):
+    """``(out, l_safe, empty)`` of rows with online-softmax state ``(acc, l)``: ``out = acc / l``. ``l == 0``
+    exactly when a row saw no key (the row maximum contributes ``exp2(0) = 1`` otherwise): out 0 there."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc * (1.0 / l_safe)[:, None], l_safe, empty
+
+
+@triton.jit
+def row_lse(l_safe, empty, m_i, LSE_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``(lse, lse_lo)`` in the accumulator dtype of rows with running maximum ``m`` (scaled base-2 domain)
+    and sum ``l`` (:func:`normalized_rows`' ``l_safe``, ``empty``): the natural-log LSE (stored as
+    ``LSE_DTYPE``; -inf for empty rows) and for the backward its rounding residual in base 2,
+    ``lse2 = m + log2(l) = fl(LSE * log2(e)) + lse_lo`` to a few ulps of ``log2(l)``, not of ``m`` (with
+    logits of 1e5 an fp32 LSE alone is off by up to 2^-8, which the recomputed P would inherit)."""
+    log2_l = tl.math.log2(l_safe)
+    m_safe = tl.where(empty, 0.0, m_i)
+    lse = (m_safe + log2_l) * LN2
+    hi = lse.to(LSE_DTYPE).to(ACC_DTYPE) * LOG2E
+    lse_lo = tl.where(empty, 0.0, (m_safe - hi) + log2_l)  # m - hi is exact when close (Sterbenz)
+    lse = tl.where(empty, float("-inf"), lse)
+    return lse, lse_lo
+
+
+@triton.jit
 def plane_descriptor(base, rows, stride_row, COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """TMA descriptor of one (batch, head) plane of ``rows`` x ``COLS`` elements, row stride ``stride_row``,
     last dim contiguous (the launcher checked it: ``attention_configs.tma_compatible``), read in

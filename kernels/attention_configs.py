@@ -237,6 +237,66 @@ def preprocess_config(head_dim_v, dtype_bytes):
     return {"BLOCK_M": max(16, min(64, 65536 // (head_block(head_dim_v) * int(dtype_bytes))))}
 
 
+# Decoding (attention_decode.py): query lengths up to DECODE_MAX_LQ take the split-KV kernel with GQA packing.
+DECODE_MAX_LQ = 16
+DECODE_MIN_KEYS = 256  # keys per split at least: a split's partial costs a round trip through memory
+DECODE_MAX_SPLITS = 128
+DECODE_WARPS = 4  # the combine kernel's
+
+
+def use_decode(lq):
+    """Whether a plain forward of ``lq`` query rows runs the decoding kernels (``attention_decode.py``)."""
+    return 1 <= int(lq) <= DECODE_MAX_LQ
+
+
+def decode_config(rows, head_dim, head_dim_v, dtype_bytes, input_precision=None):
+    """The decoding kernel's fixed tile for ``rows = GROUP * Lq`` packed rows per kv head; ``input_precision``
+    the launch's (:func:`backward_precision`'s: tf32 runs in "ieee" above D = 128, as in the backward).
+
+    ``BLOCK_M`` (the packed rows, the MMAs' N) is the rows rounded up to a power of two, at least 16
+    (``tl.dot``'s minimum), at most 32 for 16-bit operands up to D = 128 and 16 otherwise; more rows take
+    more row blocks (which read the same K/V blocks side by side, through the L2). ``BLOCK_N`` (keys, the
+    MMAs' M) is 64 on the tensor-core paths, Hopper's wgmma M. The FMA paths (fp32 "ieee", fp64) hold
+    every product in registers: 32 keys up to D = 64, 16 above (4 warps, 1 stage at D = 128). Each rule is what compiled clean for
+    sm_80 and sm_90 under both Triton 3.9 and 3.6 (``make aot-check`` / ``make aot-check-triton36``
+    compile every combination the catalogue's decode cases launch: 64 rows on 8 warps spill 16 B under
+    3.6 at D = 128, so 32). The loop is memory bound: the split count, not the tile, is what fills the GPU.
+    """
+    block_d = max(head_block(head_dim), head_block(head_dim_v))
+    path = matmul_path(dtype_bytes, input_precision)
+    if path == "tc16":
+        max_rows, block_n, warps = (32 if block_d <= 128 else 16), 64, 4
+    elif path == "tc32":
+        max_rows, block_n, warps = 16, 64, 8
+    else:
+        max_rows, block_n = 16, (32 if block_d <= 64 else 16)
+        warps = 4 if block_d == 128 else 8  # 8 warps at D = 128: ptxas caps them at 64 registers and spills
+    block_m = min(max_rows, max(16, triton.next_power_of_2(int(rows))))
+    stages = 1 if path != "tc16" and path != "tc32" and block_d == 128 else 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def decode_combine_rows(head_dim_v, acc_bytes):
+    """``BLOCK_R`` of the combine kernel: packed rows per program, so that the running and the loaded
+    partial output (two ``BLOCK_R x BLOCK_DV`` accumulator tiles) stay within registers: 8 KiB each."""
+    return max(1, min(16, 8192 // (head_block(head_dim_v) * int(acc_bytes))))
+
+
+def decode_splits(lk, programs, block_n, num_sms):
+    """``(num_splits, keys_per_split)`` of a decoding launch whose ``programs = B * Hkv * row blocks``
+    would otherwise each stream all ``lk`` keys: enough splits for two programs per SM, each of at least
+    :data:`DECODE_MIN_KEYS` keys (a multiple of ``block_n``), at most :data:`DECODE_MAX_SPLITS`. One split
+    when the programs fill the GPU already. A function of the shape and the SM count only (so a launch
+    is reproducible bit for bit on one kind of GPU)."""
+    lk, programs = int(lk), max(1, int(programs))
+    want = min(-(-2 * int(num_sms) // programs), max(1, lk // DECODE_MIN_KEYS), DECODE_MAX_SPLITS)
+    if want <= 1:
+        per = -(-max(lk, 1) // block_n) * block_n
+        return 1, per
+    per = -(-(-(-lk // want)) // block_n) * block_n
+    return -(-lk // per), per
+
+
 def wide_heads(head_dim, head_dim_v):
     """Whether a launch's head-dim block is 256 (D or Dv above 128), where the backward launches differ.
 
@@ -250,7 +310,7 @@ def wide_heads(head_dim, head_dim_v):
 
 
 def backward_precision(input_precision, head_dim, head_dim_v):
-    """``INPUT_PRECISION`` of the backward kernels: the forward's, except that tf32 becomes "ieee" (full
+    """``INPUT_PRECISION`` of the backward kernels and of the decoding kernel: the forward's, except that tf32 becomes "ieee" (full
     fp32, FMA) at head dims above 128, where no tf32 tile of the dK and dQ kernels compiles for sm_90
     without spilling. More precise than asked, never less."""
     if input_precision == "tf32" and wide_heads(head_dim, head_dim_v):

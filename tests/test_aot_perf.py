@@ -211,6 +211,29 @@ def test_rows_carry_the_named_fields(main_rows):
         assert 0 < rec["model"]["bound"] <= 1
 
 
+@pytest.mark.parametrize("lq", [1, 16])
+def test_decode_rows_show_programs_and_kv_bytes_against_the_forward_kernel(lq, monkeypatch):
+    """The decoding launch of the perf catalogue (8 sequences, 32 query heads on 8 kv heads, 4096 keys,
+    D = 128, fp16): the query heads of a kv head share its K/V reads (4x fewer bytes than the forward
+    kernel, which reads them once per query head; 2x at 16 positions, whose 64 packed rows take two
+    32-row blocks), and the key splits launch at least one program per SM.
+    Recorded launches only (nothing compiled)."""
+    from gradkernels.kernels import attention_configs
+
+    case = f"perf-attn-decode{lq}-d128-fwd"
+    (dec,) = _rows("attn_decode", case, "fp16", 90)
+    programs = perf._programs(dec.launch, dec.config)
+    a = dec.launch.args
+    row_blocks = -(-a["ROWS"] // dec.config.kwargs["BLOCK_M"])
+    assert a["ROWS"] == 4 * lq and dec.config.kwargs["BLOCK_M"] == max(16, min(32, 4 * lq))
+    assert programs == 8 * 8 * row_blocks * a["NUM_SPLITS"] and programs >= perf.machine(90).sms
+    assert perf.kv_bytes(dec, programs) == 8 * 8 * row_blocks * 4096 * 256 * 2
+    monkeypatch.setattr(attention_configs, "DECODE_MAX_LQ", 0)  # the forward kernel instead
+    fwd = _rows("attn_fwd", case, "fp16", 90, picked_only=False)
+    for r in fwd:
+        assert perf.kv_bytes(r, perf._programs(r.launch, r.config)) * row_blocks == 4 * perf.kv_bytes(dec, programs)
+
+
 def _committed():
     if not COMMITTED.exists():
         pytest.skip(f"no committed static report for Triton {triton.__version__} ({COMMITTED.name}): "

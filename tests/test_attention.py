@@ -62,6 +62,20 @@ def _oracles(q, k, v, grad_out, causal, scale, align="bottom_right"):
 
 
 
+def _run_and_check(q, k, v, causal, top_left=False):
+    """Forward and backward through ``gradkernels.autograd.attention`` with an explicit causal offset
+    (bottom-right, or top-left), checked against the two oracles; returns ``(out, lse)``."""
+    b, hq, lq, lk, d, dv = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    grad_out = torch.randn(b, hq, lq, dv, device=DEVICE, dtype=q.dtype)
+    offset = None if not causal else (0 if top_left else lk - lq)
+    scale = 1 / math.sqrt(d)
+    out, lse = gradkernels.autograd.attention(q, k, v, offset, scale)
+    ours = (out, lse, *_grads(out, (q, k, v), grad_out))
+    align = "top_left" if top_left else "bottom_right"
+    check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), ACC[q.dtype])
+    return out, lse
+
+
 # (B, Hq, Hkv, Lq, Lk, D, Dv, causal, dtype): every listed length pair, head dim and mode appears at
 # least once; kept small because the CPU runs them under the interpreter.
 CASES = [
@@ -100,14 +114,7 @@ def test_attention_matches_reference(b, hq, hkv, lq, lk, d, dv, causal, dtype):
 def test_fuzz_lengths_head_dims_and_masks(lq, lk, d, dv, group, causal, top_left):
     """Random lengths around the 32-row interpreter tiles, head dims from 1, both causal alignments:
     exercises every branch of the block-range arithmetic (full, straddling, skipped, padded blocks)."""
-    q, k, v = _qkv(1, group, 1, lq, lk, d, dv, torch.float64)
-    grad_out = torch.randn(1, group, lq, dv, device=DEVICE, dtype=torch.float64)
-    scale = 1 / math.sqrt(d)
-    align = "top_left" if top_left else "bottom_right"
-    offset = None if not causal else (0 if top_left else lk - lq)
-    out, lse = gradkernels.autograd.attention(q, k, v, offset, scale)
-    ours = (out, lse, *_grads(out, (q, k, v), grad_out))
-    check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float64)
+    _run_and_check(*_qkv(1, group, 1, lq, lk, d, dv, torch.float64), causal, top_left)
 
 
 def test_strided_inputs_are_read_in_place(monkeypatch):

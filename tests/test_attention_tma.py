@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import gradkernels
 from gradkernels.kernels import attention_configs as configs
 from gradkernels.ops import attention as attention_ops
-from test_attention import _oracles, _qkv
+from test_attention import _oracles, _qkv, _run_and_check
 from utils import DEVICE, ON_GPU, check_attention
 
 TMA_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "TMA": True}
@@ -56,18 +56,10 @@ def _pin_tma(monkeypatch):
     return recorder
 
 
-def _run_and_check(qkv, causal, top_left):
-    """Forward and backward through the kernels, checked against the two oracles; returns q."""
-    q, k, v = qkv
-    b, hq, lq, lk, d, dv = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]
-    grad_out = torch.randn(b, hq, lq, dv, device=DEVICE, dtype=q.dtype)
-    offset = None if not causal else (0 if top_left else lk - lq)
-    scale = 1 / math.sqrt(d)
-    out, lse = gradkernels.autograd.attention(q, k, v, offset, scale)
-    ours = (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
-    align = "top_left" if top_left else "bottom_right"
-    check_attention(ours, _oracles(q, k, v, grad_out, causal, scale, align=align), torch.float32)
-    return q
+def _kernels(lq):
+    """The recorded kernels a forward and backward of ``lq`` query rows launch: decoding lengths run their
+    forward on the split-KV kernel (tests/test_attention_decode.py), which has no TMA tiles."""
+    return KERNELS[1:] if configs.use_decode(lq) else KERNELS
 
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv, causal, top_left, layout): odd lengths (partial blocks read past the end
@@ -78,7 +70,7 @@ CASES = [
     (1, 2, 2, 97, 97, 40, 40, True, False, "bhld"),
     (1, 4, 2, 53, 37, 80, 80, True, False, "bhld"),  # GQA; bottom-right with Lq > Lk: 16 rows see no key
     (1, 2, 1, 113, 129, 64, 48, True, True, "bhld"),  # MQA, top-left, Dv != D
-    (2, 1, 1, 1, 257, 128, 128, True, False, "bhld"),  # decoding
+    (2, 1, 1, 17, 257, 128, 128, True, False, "bhld"),  # one query row past the decoding kernel's lengths
     (2, 4, 2, 45, 45, 64, 64, True, False, "blhd"),  # head-interleaved rows of 4 x 64 x 2 bytes
 ]
 
@@ -86,9 +78,10 @@ CASES = [
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,d,dv,causal,top_left,layout", CASES)
 def test_tma_tiles_match_the_reference(b, hq, hkv, lq, lk, d, dv, causal, top_left, layout, monkeypatch):
     recorder = _pin_tma(monkeypatch)
-    q = _run_and_check(_qkv(b, hq, hkv, lq, lk, d, dv, torch.float16, layout=layout), causal, top_left)
+    q, k, v = _qkv(b, hq, hkv, lq, lk, d, dv, torch.float16, layout=layout)
+    _run_and_check(q, k, v, causal, top_left)
     if gradkernels.backend_for(q) != "torch" and not ON_GPU:
-        assert recorder.launches == [(name, 1, True) for name in KERNELS], "a kernel did not run its TMA path"
+        assert recorder.launches == [(name, 1, True) for name in _kernels(lq)], "a kernel did not run its TMA path"
 
 
 @settings(max_examples=15, deadline=None)
@@ -99,9 +92,10 @@ def test_fuzz_tma_block_ranges(lq, lk, d, group, causal, top_left):
     into masked diagonal blocks and unmasked bulk blocks, and the forward/dQ key ranges, for every offset."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         recorder = _pin_tma(monkeypatch)
-        q = _run_and_check(_qkv(1, group, 1, lq, lk, d, d, torch.float16), causal, top_left)
+        q, k, v = _qkv(1, group, 1, lq, lk, d, d, torch.float16)
+        _run_and_check(q, k, v, causal, top_left)
     if gradkernels.backend_for(q) != "torch" and not ON_GPU:
-        assert [tma for _, _, tma in recorder.launches] == [True] * 3
+        assert [tma for _, _, tma in recorder.launches] == [True] * len(_kernels(lq))
 
 
 def test_tensors_tma_cannot_read_run_the_pointer_path(monkeypatch):

@@ -137,7 +137,7 @@ def ctas_per_sm(regs: int, smem: int, num_warps: int, arch: int) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 _ATTENTION_NAMES = {"attn_fwd_kernel": "attn_fwd", "attn_bwd_dkdv_kernel": "attn_dkdv",
-                    "attn_bwd_dq_kernel": "attn_dq"}
+                    "attn_bwd_dq_kernel": "attn_dq", "attn_decode_kernel": "attn_decode"}
 
 
 def kernel_name(case: Case, kernel: str) -> str:
@@ -210,14 +210,14 @@ def build_perf_rows(archs: Sequence[int] = DEFAULT_ARCHS, kernels: Sequence[str]
             dt = DTYPES[dname]
             for launch in record_launches(case, dt):
                 tuned = case.tuned.get(launch.kernel)
-                if tuned is None:
-                    continue  # fixed tiles: not what an autotuner chooses from
+                if tuned is None and launch.kernel not in FIXED_TILE_KERNELS:
+                    continue  # fixed tiles of a helper kernel (preprocess, combine): no main loop to read
                 if not wanted([kernel_name(case, launch.kernel), launch.kernel, case.family], kernels):
                     continue
                 needs_tc = dt.needs_tensor_cores and not (dt.torch_dtype == torch.float32
                                                           and launch.args.get("INPUT_PRECISION") == "ieee")
                 for arch in archs:
-                    kept = tuned.prune(tuned.configs(), launch, arch)
+                    kept = tuned.prune(tuned.configs(), launch, arch) if tuned else [launch_config(launch)]
                     for rank, c in enumerate(kept):
                         if not wanted([config_label(c)], configs):
                             continue
@@ -226,6 +226,20 @@ def build_perf_rows(archs: Sequence[int] = DEFAULT_ARCHS, kernels: Sequence[str]
                                         False, job, needs_tc)
                         rows.append(PerfRow(arch, case, dname, launch, c, rank, check_row))
     return rows
+
+
+# Kernels launched with a tile the launcher fixes (no autotuner) that the report reads all the same: the
+# decoding kernel, whose tile follows the packed rows (attention_configs.decode_config).
+FIXED_TILE_KERNELS = ("attn_decode_kernel",)
+
+
+def launch_config(launch: Launch):
+    """The ``triton.Config`` a fixed-tile launch carries in its own arguments and options."""
+    import triton
+
+    tiles = {k: launch.args[k] for k in ("BLOCK_M", "BLOCK_N") if k in launch.args}
+    return triton.Config(tiles, num_warps=launch.options.get("num_warps", 4),
+                         num_stages=launch.options.get("num_stages", 3))
 
 
 _CACHE_CHUNK = 24
@@ -302,7 +316,32 @@ def _rows_of_launch(r: PerfRow) -> tuple[int | None, int]:
         return a.get("M"), kw["BLOCK_M"]
     if r.launch.kernel == "attn_bwd_dkdv_kernel":
         return a.get("LK"), kw["BLOCK_N"]
+    if r.launch.kernel == "attn_decode_kernel":
+        return a.get("ROWS"), kw["BLOCK_M"]  # the packed rows (query heads x positions) of a kv head
     return a.get("LQ"), kw.get("BLOCK_M", 0)
+
+
+def kv_bytes(r: PerfRow, programs: int | None) -> int | None:
+    """K and V bytes a forward launch reads (every program its visible key blocks; the L2 may serve some):
+    the forward kernel reads each key block once per (batch, query head, query block), the decoding
+    kernel once per (batch, kv head, packed row block), its splits dividing the keys between programs."""
+    a, kw = r.launch.args, r.config.kwargs
+    if programs is None or r.launch.kernel not in ("attn_fwd_kernel", "attn_decode_kernel"):
+        return None
+    lq, lk, bm, bn = a["LQ"], a["LK"], kw["BLOCK_M"], kw["BLOCK_N"]
+    offset = a["CAUSAL_OFFSET"] if a.get("IS_CAUSAL") else None
+    row_bytes = (a["HEAD_D"] + a["HEAD_DV"]) * a["Q"].itemsize
+
+    def keys_seen(last_row):  # keys visible to rows up to last_row, in whole blocks
+        hi = lk if offset is None else max(0, min(lk, last_row + 1 + offset))
+        return math.ceil(hi / bn) * bn
+
+    if r.launch.kernel == "attn_decode_kernel":
+        blocks = programs // a["NUM_SPLITS"]  # (batch, kv head, row block)s
+        return blocks * min(lk, keys_seen(lq - 1)) * row_bytes
+    per_head = math.ceil(lq / bm)
+    heads = programs // per_head
+    return heads * sum(keys_seen(min(lq, (m + 1) * bm) - 1) for m in range(per_head)) * row_bytes
 
 
 def row_record(r: PerfRow, triton_version: str) -> dict:
@@ -333,6 +372,9 @@ def row_record(r: PerfRow, triton_version: str) -> dict:
     programs = _programs(r.launch, r.config)
     rec["programs"] = programs
     rec["sms"] = machine(r.arch).sms
+    if r.launch.kernel == "attn_decode_kernel":
+        rec["splits"] = a.get("NUM_SPLITS")
+    rec["kv_bytes"] = kv_bytes(r, programs)
     if res.get("error"):
         rec["error"] = res["error"]
         return rec

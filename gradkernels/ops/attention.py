@@ -253,9 +253,54 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None, lse_
         raise ValueError(f"lse_lo must have the strides of lse {lse.stride()}, got {lse_lo.stride()}")
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse, lse_lo
-    _forward(q, k, v, out, lse, lse_lo, scale, _Launch(_PLAIN_ARGS, _PLAIN_FLAGS, causal_offset),
-             b, lq, lk, q.stride(), k.stride(), v.stride(), out.stride(), lse.stride())
+    if configs.use_decode(lq) and lk > 0 and b * h > 0:
+        _decode(q, k, v, out, lse, lse_lo, scale, causal_offset)
+    else:
+        _forward(q, k, v, out, lse, lse_lo, scale, _Launch(_PLAIN_ARGS, _PLAIN_FLAGS, causal_offset),
+                 b, lq, lk, q.stride(), k.stride(), v.stride(), out.stride(), lse.stride())
     return out, lse, lse_lo
+
+
+def _decode(q, k, v, out, lse, lse_lo, scale, causal_offset, num_splits=None):
+    """The decoding forward (``lq <= attention_configs.DECODE_MAX_LQ``, no features): the query heads of a
+    kv head packed into one tile's rows, the keys split across programs (``num_splits``: the
+    ``attention_configs.decode_splits`` heuristic when None), the partials merged in split order by the
+    combine kernel, which writes ``out``, ``lse`` and ``lse_lo`` as :func:`_forward` would."""
+    b, h, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = h // hkv
+    rows = group * lq
+    q, scale = _sign_folded(q, scale)
+    flags = _flags(q, d, dv, causal_offset)
+    flags["INPUT_PRECISION"] = configs.backward_precision(flags["INPUT_PRECISION"], d, dv)
+    tile = configs.decode_config(rows, d, dv, q.element_size(), flags["INPUT_PRECISION"])
+    row_blocks = triton.cdiv(rows, tile["BLOCK_M"])
+    if num_splits is None:
+        sms = _device.num_sms(q.device.index) if q.device.type == "cuda" else _device.num_sms()
+        num_splits, per = configs.decode_splits(lk, b * hkv * row_blocks, tile["BLOCK_N"], sms)
+    else:
+        per = triton.cdiv(triton.cdiv(lk, num_splits), tile["BLOCK_N"]) * tile["BLOCK_N"]
+        num_splits = triton.cdiv(lk, per)
+    acc_dtype = accumulator_dtype(q.dtype)
+    part_rows = b * hkv * num_splits * rows
+    part_acc = torch.empty((part_rows, dv), device=q.device, dtype=acc_dtype)
+    part_m = torch.empty((part_rows,), device=q.device, dtype=acc_dtype)
+    part_l = torch.empty_like(part_m)
+    kernels.attn_decode_kernel[(b * hkv * num_splits * row_blocks,)](
+        q, k, v, part_acc, part_m, part_l, float(scale),
+        hkv, group, lq, lk, 0 if causal_offset is None else int(causal_offset), rows, per, num_splits, row_blocks,
+        *q.stride(), *k.stride(), *v.stride(),
+        HEAD_D=d, HEAD_DV=dv, IS_CAUSAL=flags["IS_CAUSAL"], INPUT_PRECISION=flags["INPUT_PRECISION"],
+        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_D=flags["BLOCK_D"], BLOCK_DV=flags["BLOCK_DV"],
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )
+    combine_rows = configs.decode_combine_rows(dv, part_acc.element_size())
+    combine_blocks = triton.cdiv(rows, combine_rows)
+    kernels.attn_decode_combine_kernel[(b * hkv * combine_blocks,)](
+        part_acc, part_m, part_l, out, lse, lse_lo, hkv, group, lq, rows, num_splits, combine_blocks,
+        *out.stride(), *lse.stride(),
+        HEAD_DV=dv, BLOCK_R=combine_rows, BLOCK_DV=flags["BLOCK_DV"], num_warps=configs.DECODE_WARPS,
+    )
 
 
 def _forward(q, k, v, out, lse, lse_lo, scale, launch, b, lq, lk, q_strides, k_strides, v_strides, o_strides,
