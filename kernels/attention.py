@@ -11,7 +11,9 @@ Algorithm
     O and the natural-log LSE, nothing else: no (Lq x Lk) tensor exists at any point.
 
     Backward (FlashAttention-2's split, Dao 2023):
-    - ``attn_bwd_preprocess_kernel``: ``Delta = rowsum(dO * O)`` (= rowsum(P * dP)).
+    - ``attn_bwd_preprocess_kernel``: ``Delta = rowsum(dO * O)`` (= rowsum(P * dP)); for launches that may
+      run TMA tiles also the three row statistics (base-2 LSE, its residual, Delta) in a buffer padded to
+      the block, which the dK/dV kernel's TMA loop reads without masks.
     - ``attn_bwd_dkdv_kernel``: one program per (key block, batch * kv head). dK and dV of the block
       stay in registers while the program loops over the (query head of its GQA group, query block)
       pairs that can see the keys (one flat loop; the causal mask is applied in every iteration),
@@ -381,7 +383,7 @@ def attn_fwd_kernel(
     tl.store(LSE_LO + row_off, lse_lo.to(LSE_LO.dtype.element_ty), mask=row_mask)
 
 
-# The backward kernels live in their own modules; launchers find all four here.
+# The backward and decoding kernels live in their own modules; launchers find them all here.
 from .attention_dkdv import attn_bwd_dkdv_kernel, attn_bwd_preprocess_kernel  # noqa: E402,F401
 from .attention_dq import attn_bwd_dq_kernel  # noqa: E402,F401
 from .attention_decode import attn_decode_kernel, attn_decode_combine_kernel  # noqa: E402,F401

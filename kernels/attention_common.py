@@ -203,9 +203,17 @@ def load_row_stats(LSE_blk, LSE_LO_blk, DELTA_blk, offs, rows, stride_lm, stride
     key) is read as +inf too: the causal mask already zeroes every P entry of such a row, and this keeps
     P finite (0, not ``exp2(+inf)``) before the mask is applied.
     """
+    hi, lo = load_lse2(LSE_blk, LSE_LO_blk, offs, rows, stride_lm, ACC_DTYPE)
+    delta = tl.load(DELTA_blk + offs * stride_dem, mask=offs < rows, other=0.0).to(ACC_DTYPE)
+    return hi, lo, delta
+
+
+@triton.jit
+def load_lse2(LSE_blk, LSE_LO_blk, offs, rows, stride_lm, ACC_DTYPE: tl.constexpr):
+    """``(hi, lo)`` of :func:`load_row_stats`: the base-2 LSE of ``rows`` rows as ``hi + lo``, -inf (a row
+    that saw no key) and padding rows read as ``hi = +inf``, ``lo = 0``."""
     valid = offs < rows
     lse = tl.load(LSE_blk + offs * stride_lm, mask=valid, other=float("inf")).to(ACC_DTYPE)
     hi = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     lo = tl.load(LSE_LO_blk + offs * stride_lm, mask=valid, other=0.0).to(ACC_DTYPE)
-    delta = tl.load(DELTA_blk + offs * stride_dem, mask=valid, other=0.0).to(ACC_DTYPE)
-    return hi, lo, delta
+    return hi, lo

@@ -183,6 +183,9 @@ DQ_TILES = (
 
 # The Delta preprocess is memory bound: not tuned, a wide tile (see preprocess_config).
 PREPROCESS_WARPS = 4
+# Rows of the padded row-statistics buffer are a multiple of this (every dK/dV BLOCK_M and preprocess
+# BLOCK_M divides it): the TMA dK/dV loop reads it without masks.
+ROW_STATS_ALIGN = 128
 
 # Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config per
 # kernel. 32x32 tiles, so test lengths such as 37, 97 or 257 span several blocks and every mask path.

@@ -5,8 +5,8 @@ import triton.language as tl
 
 from ._common import load_tile, store_tile
 from .attention_common import (
-    scales, sequence_bounds, feature_scalars, mod_scores, window_visible_tile, load_row_stats, plane_descriptor,
-    LOG2E,
+    scales, sequence_bounds, feature_scalars, mod_scores, window_visible_tile, load_row_stats, load_lse2,
+    plane_descriptor, LOG2E,
 )
 from .dropout import dropout_keep
 
@@ -14,24 +14,33 @@ from .dropout import dropout_keep
 @triton.jit
 def attn_bwd_preprocess_kernel(
     # pointers
-    O, DO, DELTA,
+    O, DO, DELTA, LSE, LSE_LO, STATS,
     # sizes
-    H, LQ,
+    H, LQ, LQ_PAD,
     # strides
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_deb, stride_deh, stride_dem,
+    stride_lb, stride_lh, stride_lm,
     # constexpr
     HEAD_DV: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    # also the padded row statistics of the dK/dV kernel's TMA loop
+    ROW_STATS: tl.constexpr = False,
 ):
     """``Delta = rowsum(dO * O)`` in the accumulator dtype; equals rowsum(P * dP) of the backward.
 
-    Grid: (cdiv(LQ, BLOCK_M) * B * H,).
+    Grid: (cdiv(LQ, BLOCK_M) * B * H,); with ``ROW_STATS``, (cdiv(LQ_PAD, BLOCK_M) * B * H,).
+
+    ``ROW_STATS``: also write ``STATS[b * H + h, 0:3, :LQ_PAD]`` (contiguous; ``LQ_PAD`` a multiple of every
+    dK/dV ``BLOCK_M`` and of this ``BLOCK_M``) = the base-2 LSE ``LSE * log2(e)``, its residual ``LSE_LO``
+    and Delta, as :func:`~.attention_common.load_row_stats` reads them (a -inf LSE, a row that saw no key,
+    and the padding rows past LQ as +inf; residual and Delta 0 there), so the dK/dV kernel's TMA loop
+    loads them without masks, remaps or scaling.
     """
     ACC_DTYPE: tl.constexpr = tl.float64 if O.dtype.element_ty == tl.float64 else tl.float32
-    num_m = tl.cdiv(LQ, BLOCK_M)
+    num_m = tl.cdiv(LQ_PAD if ROW_STATS else LQ, BLOCK_M)
     pid = tl.program_id(0)
     pid_bh = (pid // num_m).to(tl.int64)
     b = pid_bh // H
@@ -46,6 +55,14 @@ def attn_bwd_preprocess_kernel(
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
     tl.store(DELTA + b * stride_deb + h * stride_deh + (start_m + offs_m) * stride_dem, delta,
              mask=offs_m < LQ - start_m)
+    if ROW_STATS:
+        row_hi, row_lo = load_lse2(LSE + b * stride_lb + h * stride_lh + start_m * stride_lm,
+                                   LSE_LO + b * stride_lb + h * stride_lh + start_m * stride_lm,
+                                   offs_m, LQ - start_m, stride_lm, ACC_DTYPE)
+        stats = STATS + pid_bh * 3 * LQ_PAD + start_m + offs_m
+        tl.store(stats, row_hi)
+        tl.store(stats + LQ_PAD, row_lo)
+        tl.store(stats + 2 * LQ_PAD, delta)
 
 
 @triton.jit
@@ -184,18 +201,17 @@ def _attn_bwd_dkdv_features(
 
 @triton.jit
 def _attn_bwd_dkdv_tma(
-    dk, dv, k, v, q_desc, do_desc, LSE_b, LSE_LO_b, DELTA_b, start_n, lo, n_blocks, GROUP, LQ, CAUSAL_OFFSET,
-    qk_scale, stride_lh, stride_lm, stride_deh, stride_dem,
+    dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo, n_blocks, GROUP, CAUSAL_OFFSET, qk_scale,
     MASKED: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """The TMA tiles' dK/dV loop over ``GROUP * n_blocks`` (query head of the group, query block) pairs from
-    query row ``lo``. ``MASKED``: the blocks on the causal diagonal (the mask, and the row statistics read
-    through :func:`load_row_stats`, whose -inf -> +inf remap keeps the P of rows that see no key finite
-    before the mask zeroes it). Unmasked: blocks whose every row sees every key of the block, so no row is
-    empty and the LSE is used as stored; rows past LQ read LSE = +inf (P = 0). Keys past LK need no mask
-    here: each key row of dK/dV only sums its own P^T row, and those rows are never stored."""
+    query row ``lo``. ``MASKED``: the blocks on the causal diagonal; unmasked: blocks whose every row sees
+    every key of the block. The row statistics come from the preprocess's padded buffer (``STATS_b``: the
+    group's first head, three rows of ``LQ_PAD`` per head), pre-scaled and remapped: three unmasked
+    vector loads per iteration; rows past LQ read LSE = +inf (P = 0). Keys past LK need no mask here: each
+    key row of dK/dV only sums its own P^T row, and those rows are never stored."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     for it in range(0, GROUP * n_blocks):
@@ -203,16 +219,10 @@ def _attn_bwd_dkdv_tma(
         start_m = lo + (it - g * n_blocks) * BLOCK_M
         q = q_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_D)
         do = do_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_DV)
-        row = g * stride_lh + start_m * stride_lm
-        delta_row = g * stride_deh + start_m * stride_dem
-        if MASKED:
-            row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row, DELTA_b + delta_row, offs_m,
-                                                    LQ - start_m, stride_lm, stride_dem, ACC_DTYPE)
-        else:
-            valid = offs_m < tl.minimum(LQ - start_m, BLOCK_M).to(tl.int32)
-            row_hi = tl.load(LSE_b + row + offs_m * stride_lm, mask=valid, other=float("inf")).to(ACC_DTYPE) * LOG2E
-            row_lo = tl.load(LSE_LO_b + row + offs_m * stride_lm, mask=valid, other=0.0).to(ACC_DTYPE)
-            delta = tl.load(DELTA_b + delta_row + offs_m * stride_dem, mask=valid, other=0.0).to(ACC_DTYPE)
+        stats = STATS_b + (g * 3 * LQ_PAD + start_m.to(tl.int32)) + offs_m
+        row_hi = tl.load(stats)
+        row_lo = tl.load(stats + LQ_PAD)
+        delta = tl.load(stats + 2 * LQ_PAD)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -row_hi[None, :]) - row_lo[None, :])
         if MASKED:
@@ -233,11 +243,13 @@ def _attn_bwd_dkdv_tma(
 def attn_bwd_dkdv_kernel(
     # pointers
     Q, K, V, DO, LSE, LSE_LO, DELTA, DK, DV,
+    STATS,  # the preprocess's padded row statistics (TMA_OK launches; None otherwise)
     # scalars
     SM_SCALE: "fp64",
     # sizes
     HKV, GROUP, LQ, LK, CAUSAL_OFFSET,
     LQ_BUCKET, LK_BUCKET, TMA_OK,  # autotune keys only (TMA_OK: Q, K, V and dO allow TMA tiles)
+    LQ_PAD,  # rows per head in STATS
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -347,14 +359,14 @@ def attn_bwd_dkdv_kernel(
             if IS_CAUSAL:
                 first_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_OFFSET, 0), BLOCK_M) * BLOCK_M
                 n_diag = tl.minimum(tl.maximum(first_full - lo, 0) // BLOCK_M, n_blocks).to(tl.int32)
+            STATS_b = STATS + pid_bh * GROUP * 3 * LQ_PAD  # (b * HKV + kvh) * GROUP = b * H + h0
             dk, dv = _attn_bwd_dkdv_tma(
-                dk, dv, k, v, q_desc, do_desc, LSE_b, LSE_LO_b, DELTA_b, start_n, lo, n_diag, GROUP, LQ,
-                CAUSAL_OFFSET, qk_scale, stride_lh, stride_lm, stride_deh, stride_dem,
+                dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo, n_diag, GROUP, CAUSAL_OFFSET, qk_scale,
                 True, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE,
             )
             dk, dv = _attn_bwd_dkdv_tma(
-                dk, dv, k, v, q_desc, do_desc, LSE_b, LSE_LO_b, DELTA_b, start_n, lo + n_diag * BLOCK_M,
-                n_blocks - n_diag, GROUP, LQ, CAUSAL_OFFSET, qk_scale, stride_lh, stride_lm, stride_deh, stride_dem,
+                dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo + n_diag * BLOCK_M, n_blocks - n_diag,
+                GROUP, CAUSAL_OFFSET, qk_scale,
                 False, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE,
             )
         else:

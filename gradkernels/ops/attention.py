@@ -354,7 +354,7 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_lo, causal_offset, scale
     if delta is None:
         delta = torch.empty((b, h, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
     _backward(grad_out, q, k, v, out, lse, lse_lo, scale, _Launch(_PLAIN_ARGS, _PLAIN_FLAGS, causal_offset),
-              dq, dk, dv, delta, b, lq, lk, (b, lq, out.stride(), grad_out.stride(), delta.stride()),
+              dq, dk, dv, delta, b, lq, lk, (b, lq, out.stride(), grad_out.stride(), delta.stride(), lse.stride()),
               (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *delta.stride()),
               lambda t: t.stride())
     return dq, dk, dv
@@ -390,7 +390,7 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
               kernel_strides):
     """The Delta preprocess, the dK/dV kernel and the dQ kernel over ``b`` x heads x blocks.
 
-    ``pre``: the preprocess's view ``(batch, rows, o strides, do strides, delta strides)``;
+    ``pre``: the preprocess's view ``(batch, rows, o strides, do strides, delta strides, lse strides)``;
     ``in_strides``: q, k, v, dO, LSE and Delta strides in the kernels' order; ``kernel_strides(t)``: a
     gradient buffer's strides in that order.
     """
@@ -401,12 +401,22 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
     need_kv = dk is not None or dv is not None
     q, kernel_scale = _sign_folded(q, scale)
 
-    pre_b, pre_rows, o_strides, do_strides, de_strides = pre
+    pre_b, pre_rows, o_strides, do_strides, de_strides, l_strides = pre
+    tma_ok = _tma_ok(launch, q, k, v, grad_out)
+    # TMA dK/dV tiles read the row statistics from a padded buffer the preprocess writes (int32 offsets
+    # within a kv head's group of query heads).
+    lq_pad = triton.cdiv(lq, configs.ROW_STATS_ALIGN) * configs.ROW_STATS_ALIGN
+    tma_ok = tma_ok and (h // hkv) * 3 * lq_pad < 2**31
+    stats = None
+    if tma_ok and need_kv:
+        stats = torch.empty((b * h * 3 * lq_pad,), device=q.device, dtype=delta.dtype)
     delta_tile = (configs.preprocess_config(dvdim, q.element_size()) if _device.use_autotune()
                   else configs.INTERPRETER_PREPROCESS_CONFIG)
-    kernels.attn_bwd_preprocess_kernel[(triton.cdiv(pre_rows, delta_tile["BLOCK_M"]) * pre_b * h,)](
-        out, grad_out, delta, h, pre_rows, *o_strides, *do_strides, *de_strides,
-        HEAD_DV=dvdim, BLOCK_DV=configs.head_block(dvdim), num_warps=configs.PREPROCESS_WARPS, **delta_tile,
+    pre_blocks = triton.cdiv(lq_pad if stats is not None else pre_rows, delta_tile["BLOCK_M"])
+    kernels.attn_bwd_preprocess_kernel[(pre_blocks * pre_b * h,)](
+        out, grad_out, delta, lse, lse_lo, stats, h, pre_rows, lq_pad, *o_strides, *do_strides, *de_strides,
+        *l_strides, HEAD_DV=dvdim, BLOCK_DV=configs.head_block(dvdim), ROW_STATS=stats is not None,
+        num_warps=configs.PREPROCESS_WARPS, **delta_tile,
     )
 
     causal_offset = launch.causal_offset
@@ -416,13 +426,12 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
     common = (float(kernel_scale),)
     sizes_tail = (lq, lk, offset, configs.seqlen_bucket(lq), configs.seqlen_bucket(lk))
 
-    tma_ok = _tma_ok(launch, q, k, v, grad_out)
     if need_kv:
         # A skipped gradient's pointer is never read (COMPUTE_DK/DV = False): pass the other buffer.
         dk_buf = dk if dk is not None else dv
         dv_buf = dv if dv is not None else dk
-        args = (q, k, v, grad_out, lse, lse_lo, delta, dk_buf, dv_buf, *common, hkv, h // hkv, *sizes_tail,
-                int(tma_ok), *in_strides, *kernel_strides(dk_buf), *kernel_strides(dv_buf), *launch.args)
+        args = (q, k, v, grad_out, lse, lse_lo, delta, dk_buf, dv_buf, stats, *common, hkv, h // hkv, *sizes_tail,
+                int(tma_ok), lq_pad, *in_strides, *kernel_strides(dk_buf), *kernel_strides(dv_buf), *launch.args)
 
         def grid_kv(meta):
             return (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)
@@ -485,7 +494,7 @@ def attention_features_backward(grad_out, q, k, v, out, lse, lse_lo, diag, scale
         return dq, dk, dv
     delta = torch.empty((b, h, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
     _backward(grad_out, q, k, v, out, lse, lse_lo, scale, _feature_launch(features, int(diag)), dq, dk, dv, delta,
-              b, lq, lk, (b, lq, out.stride(), grad_out.stride(), delta.stride()),
+              b, lq, lk, (b, lq, out.stride(), grad_out.stride(), delta.stride(), lse.stride()),
               (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *delta.stride()),
               lambda t: t.stride())
     return dq, dk, dv
@@ -536,7 +545,8 @@ def attention_varlen_backward(grad_out, q, k, v, out, lse, lse_lo, cu_seqlens_q,
         return dq, dk, dv
     delta = torch.empty((h, total_q), device=q.device, dtype=accumulator_dtype(q.dtype))
     # The preprocess sees the packed rows as one batch element of total_q rows.
-    pre = (1, total_q, _packed_strides(out), _packed_strides(grad_out), _packed_row_strides(delta))
+    pre = (1, total_q, _packed_strides(out), _packed_strides(grad_out), _packed_row_strides(delta),
+           _packed_row_strides(lse))
     in_strides = (_packed_strides(q), _packed_strides(k), _packed_strides(v), _packed_strides(grad_out),
                   _packed_row_strides(lse), _packed_row_strides(delta))
     _backward(grad_out, q, k, v, out, lse, lse_lo, scale,
