@@ -193,7 +193,8 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 def num_sms(device_index: int | None = None) -> int:
     """Streaming multiprocessors of a CUDA device; a nominal 132 (H100) elsewhere.
 
-    Used only to decide how far to split a reduction; results do not depend on it.
+    Used only to decide how far to split a reduction (linear split-K, the decoding kernel's key splits);
+    results depend on it only through the order of the sums (rounding), never beyond.
     """
     if torch.cuda.is_available():
         idx = torch.cuda.current_device() if device_index is None else device_index

@@ -40,7 +40,8 @@ def _decode_inner(acc, l_i, m_i, q, K_bh, V_bh, pos, lo, hi, LK, CAUSAL_OFFSET, 
                   BLOCK_DV: tl.constexpr):
     """The forward's online-softmax update over key blocks ``[lo, hi)``, transposed: keys along the tile's
     first axis, packed rows (query positions ``pos``, int64) along the second, ``acc`` is O^T (BLOCK_DV,
-    BLOCK_M). The same expressions as the forward, so the same rounding; the matmuls ``S^T = K Q^T`` and
+    BLOCK_M). The same expressions as the forward (the result differs from the forward kernel's only by
+    the order of the sums: other blocks, the split merge); the matmuls ``S^T = K Q^T`` and
     ``O^T += V^T P^T`` put the 64 keys (and Dv) in the MMA's M, which must be 64 for Hopper's wgmma,
     and the few packed rows in its N, which may be 16."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -126,6 +127,7 @@ def attn_decode_kernel(
     full = tl.minimum(end, LK // BLOCK_N * BLOCK_N)
     hi = end
     if IS_CAUSAL:
+        # CAUSAL_OFFSET in [-LQ, LK] (the launcher clamps it; the same mask), so these do not overflow int32.
         full = tl.minimum(full, tl.maximum(CAUSAL_OFFSET + 1, 0) // BLOCK_N * BLOCK_N)
         hi = tl.minimum(hi, LQ + CAUSAL_OFFSET)  # one past the last key the last position sees
     full = tl.maximum(full, lo)

@@ -22,10 +22,10 @@ from utils import DEVICE, DTYPES, FACTOR_OUTPUT, assert_close
 
 
 class _Launches:
-    """Stands in for the decoding, forward and backward kernels in the launcher: records each launch's
-    kernel name and grid, and runs it."""
+    """Stands in for the decoding kernels in the launcher (launched directly, with fixed tiles, on any
+    backend): records each launch's kernel name, grid and arguments, and runs it."""
 
-    NAMES = ("attn_decode_kernel", "attn_decode_combine_kernel", "attn_fwd_kernel")
+    NAMES = ("attn_decode_kernel", "attn_decode_combine_kernel")
 
     def __init__(self, monkeypatch):
         self.seen = []
@@ -51,8 +51,8 @@ class _Launches:
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv, causal, top_left, dtype): one token and a few (speculative decoding), GQA 4:1
 # and 3:1, MQA, MHA, odd key counts (partial last block and split), head dims 40 and 80, Dv != D, rows
-# that see no key (bottom-right with Lq > Lk), a top-left mask, and 8 x 9 = 72 packed rows (two row
-# blocks of 64).
+# that see no key (bottom-right with Lq > Lk), a top-left mask, and 8 x 9 = 72 packed rows (three row
+# blocks of 32).
 CASES = [
     (2, 8, 2, 1, 257, 64, 64, True, False, torch.float32),
     (1, 4, 1, 1, 113, 40, 40, False, False, torch.float16),
@@ -60,7 +60,7 @@ CASES = [
     (1, 2, 2, 16, 37, 64, 48, True, False, torch.float32),
     (1, 2, 1, 9, 5, 32, 32, True, False, torch.float64),  # 4 of 9 rows see no key
     (1, 4, 2, 7, 61, 16, 16, True, True, torch.float32),  # top-left: row i sees keys 0..i
-    (1, 8, 1, 9, 200, 24, 24, True, False, torch.float16),  # 72 packed rows: two row blocks
+    (1, 8, 1, 9, 200, 24, 24, True, False, torch.float16),  # 72 packed rows: three row blocks
     (1, 1, 1, 1, 1, 16, 16, False, False, torch.float64),
 ]
 
@@ -123,11 +123,13 @@ def test_decode_is_bitwise_deterministic_and_routed_by_query_length(monkeypatch)
     if gradkernels.backend_for(q) == "torch":
         return
     launches = _Launches(monkeypatch)
+    launch = attention_ops._launch  # the forward kernel goes through it (its autotuner on a GPU)
+    monkeypatch.setattr(attention_ops, "_launch", lambda kernel, *a: (launches.seen.append((kernel, None, a)),
+                                                                      launch(kernel, *a))[1])
     for lq in (configs.DECODE_MAX_LQ, configs.DECODE_MAX_LQ + 1):
         q17 = torch.randn(1, 4, lq, 64, device=DEVICE)
         gradkernels.attention(q17, k, v, causal=True)
-    names = launches.names()
-    assert names == ["attn_decode_kernel", "attn_decode_combine_kernel", "attn_fwd_kernel"]
+    assert launches.names() == ["attn_decode_kernel", "attn_decode_combine_kernel", "fwd"]
 
 
 def test_strided_layouts_and_preallocated_outputs():
@@ -189,3 +191,38 @@ def test_decode_config_fits_packed_rows():
     assert configs.decode_config(4, 256, 256, 4, "ieee")["BLOCK_N"] == 16
     assert configs.backward_precision("tf32", 256, 256) == "ieee"  # what the launcher gives the decode kernel
     assert configs.decode_combine_rows(64, 4) == 16 and configs.decode_combine_rows(256, 8) == 4
+
+
+def test_row_statistics_padding_covers_every_block():
+    """The padded row statistics of the TMA dK/dV loop (``ROW_STATS_ALIGN`` rows per multiple): every dK/dV
+    TMA tile's query block and every preprocess tile divide it, so the loop's unmasked loads stay inside
+    a head's rows and the preprocess grid writes every padded row."""
+    align = configs.ROW_STATS_ALIGN
+    for tile in configs.DKDV_TILES:
+        if tile.tma:
+            assert align % tile.block_m == 0, tile
+    for d in range(1, configs.MAX_HEAD_DIM + 1):
+        for nbytes in (2, 4, 8):
+            assert align % configs.preprocess_config(d, nbytes)["BLOCK_M"] == 0
+    assert align % configs.INTERPRETER_PREPROCESS_CONFIG["BLOCK_M"] == 0
+    assert align % configs.INTERPRETER_BWD_CONFIG["BLOCK_M"] == 0
+
+
+@pytest.mark.parametrize("offset", [2**31 - 1, 2**31 + 5, -(2**31), -7, 300])
+def test_extreme_causal_offsets(offset):
+    """Offsets at and past the int32 range: every key visible (>= Lk - 1), none (< -(Lq - 1)), or in
+    between; the decoding launcher clamps them into [-Lq, Lk] (the same mask) before the kernel's int32
+    bounds. Against the masked reference."""
+    q, k, v = (t.detach() for t in _qkv(1, 4, 2, 3, 70, 16, 16, torch.float64))
+    out, lse, lse_lo = attention_ops.attention_forward(q, k, v, offset, 0.25)
+    i = torch.arange(3, device=DEVICE)[:, None]
+    j = torch.arange(70, device=DEVICE)[None, :]
+    visible = j <= i + offset
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    s = torch.where(visible, (q @ kk.transpose(-1, -2)) * 0.25, float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    ref = torch.where(visible.any(-1)[:, None], torch.softmax(s, -1), 0.0).nan_to_num() @ vv
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert torch.allclose(out, ref, atol=1e-12, rtol=1e-12)
+    finite = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-12, rtol=1e-12)

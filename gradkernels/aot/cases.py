@@ -234,13 +234,14 @@ def attention_cases() -> list[Case]:
         cases += [case(f"attn-fwd-{tag}", fwd(d, causal)), case(f"attn-bwd-{tag}", bwd(d, causal))]
     # Short sequences: the prune then offers the shortest tiles (a 16-position backward), one head-dim block
     # each. Decoding (Lq <= 16) runs the split-KV kernel and its combine with tiles fixed by the packed
-    # rows (GROUP x Lq = 4 x Lq here): one query row (BLOCK_M = 16) at every head-dim block, 8 rows (32)
-    # and 16 rows (64) at D = 128 and 256, so every BLOCK_M the launcher can choose is compiled.
+    # rows (GROUP x Lq = 4 x Lq here, attention_configs.decode_config): one query row (BLOCK_M = 16) at
+    # every head-dim block, and 8 rows (BLOCK_M = 32 where a path allows it, 16 elsewhere) at D = 64, 128
+    # and 256: every (path, head-dim block, BLOCK_M) the launcher can choose is compiled.
     for d in (64, 80, 256):
         cases += [case(f"attn-short-fwd-d{d}", fwd(d, True, 1, length)),
                   case(f"attn-short-bwd-d{d}", bwd(d, True, 16, 16))]
-    for lq, d in ((8, 128), (16, 128), (16, 256)):
-        cases.append(case(f"attn-decode{lq}-fwd-d{d}", fwd(d, True, lq, length)))
+    for d in (64, 128, 256):
+        cases.append(case(f"attn-decode8-fwd-d{d}", fwd(d, True, 8, length)))
     # Every feature at once (the costliest specialisation: varlen, causal + window, softcap, ALiBi, dropout),
     # at D = 64 and 128, in the 16-bit dtypes that training uses (the feature variants of the tile table are
     # calibrated for that path only; fp32/fp64 and D = 256 feature launches use the plain launch's tiles,

@@ -286,9 +286,12 @@ def _decode(q, k, v, out, lse, lse_lo, scale, causal_offset, num_splits=None):
     part_acc = torch.empty((part_rows, dv), device=q.device, dtype=acc_dtype)
     part_m = torch.empty((part_rows,), device=q.device, dtype=acc_dtype)
     part_l = torch.empty_like(part_m)
+    # An offset >= Lk shows every key to every row, one <= -Lq none: clamped there, the kernel's int32
+    # bounds (offset + 1, Lq + offset) cannot overflow.
+    offset = 0 if causal_offset is None else min(max(int(causal_offset), -lq), lk)
     kernels.attn_decode_kernel[(b * hkv * num_splits * row_blocks,)](
         q, k, v, part_acc, part_m, part_l, float(scale),
-        hkv, group, lq, lk, 0 if causal_offset is None else int(causal_offset), rows, per, num_splits, row_blocks,
+        hkv, group, lq, lk, offset, rows, per, num_splits, row_blocks,
         *q.stride(), *k.stride(), *v.stride(),
         HEAD_D=d, HEAD_DV=dv, IS_CAUSAL=flags["IS_CAUSAL"], INPUT_PRECISION=flags["INPUT_PRECISION"],
         BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_D=flags["BLOCK_D"], BLOCK_DV=flags["BLOCK_DV"],
@@ -403,12 +406,13 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
 
     pre_b, pre_rows, o_strides, do_strides, de_strides, l_strides = pre
     tma_ok = _tma_ok(launch, q, k, v, grad_out)
-    # TMA dK/dV tiles read the row statistics from a padded buffer the preprocess writes (int32 offsets
-    # within a kv head's group of query heads).
+    # TMA dK/dV tiles read the row statistics from a padded buffer the preprocess writes, with int32
+    # offsets within a kv head's group of query heads (beyond that, no TMA tile for dK/dV or dQ). Only
+    # where a TMA tile can run (the prune offers them on sm_90+ only).
     lq_pad = triton.cdiv(lq, configs.ROW_STATS_ALIGN) * configs.ROW_STATS_ALIGN
     tma_ok = tma_ok and (h // hkv) * 3 * lq_pad < 2**31
     stats = None
-    if tma_ok and need_kv:
+    if tma_ok and need_kv and configs.tma_supported(_device.device_arch(q.device)):
         stats = torch.empty((b * h * 3 * lq_pad,), device=q.device, dtype=delta.dtype)
     delta_tile = (configs.preprocess_config(dvdim, q.element_size()) if _device.use_autotune()
                   else configs.INTERPRETER_PREPROCESS_CONFIG)
