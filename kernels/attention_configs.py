@@ -244,7 +244,7 @@ def preprocess_config(head_dim_v, dtype_bytes):
 DECODE_MAX_LQ = 16
 DECODE_MIN_KEYS = 256  # keys per split at least: a split's partial costs a round trip through memory
 DECODE_MAX_SPLITS = 128
-DECODE_WARPS = 4  # the combine kernel's
+DECODE_COMBINE_WARPS = 4
 
 
 def use_decode(lq):
@@ -292,12 +292,16 @@ def decode_splits(lk, programs, block_n, num_sms):
     when the programs fill the GPU already. A function of the shape and the SM count only (so a launch
     is reproducible bit for bit on one kind of GPU)."""
     lk, programs = int(lk), max(1, int(programs))
-    want = min(-(-2 * int(num_sms) // programs), max(1, lk // DECODE_MIN_KEYS), DECODE_MAX_SPLITS)
-    if want <= 1:
-        per = -(-max(lk, 1) // block_n) * block_n
-        return 1, per
-    per = -(-(-(-lk // want)) // block_n) * block_n
-    return -(-lk // per), per
+    want = min(triton.cdiv(2 * int(num_sms), programs), max(1, lk // DECODE_MIN_KEYS), DECODE_MAX_SPLITS)
+    return split_keys(lk, want, block_n)
+
+
+def split_keys(lk, splits, block_n):
+    """``(num_splits, keys_per_split)``: ``lk`` keys in at most ``splits`` chunks of a whole number of
+    ``block_n`` blocks (fewer chunks when ``splits`` exceeds the blocks)."""
+    lk = max(int(lk), 1)
+    per = triton.cdiv(triton.cdiv(lk, max(1, int(splits))), block_n) * block_n
+    return triton.cdiv(lk, per), per
 
 
 def wide_heads(head_dim, head_dim_v):

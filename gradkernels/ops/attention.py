@@ -253,7 +253,7 @@ def attention_forward(q, k, v, causal_offset, scale, *, out=None, lse=None, lse_
         raise ValueError(f"lse_lo must have the strides of lse {lse.stride()}, got {lse_lo.stride()}")
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse, lse_lo
-    if configs.use_decode(lq) and lk > 0 and b * h > 0:
+    if configs.use_decode(lq) and lk > 0:
         _decode(q, k, v, out, lse, lse_lo, scale, causal_offset)
     else:
         _forward(q, k, v, out, lse, lse_lo, scale, _Launch(_PLAIN_ARGS, _PLAIN_FLAGS, causal_offset),
@@ -279,8 +279,7 @@ def _decode(q, k, v, out, lse, lse_lo, scale, causal_offset, num_splits=None):
         sms = _device.num_sms(q.device.index) if q.device.type == "cuda" else _device.num_sms()
         num_splits, per = configs.decode_splits(lk, b * hkv * row_blocks, tile["BLOCK_N"], sms)
     else:
-        per = triton.cdiv(triton.cdiv(lk, num_splits), tile["BLOCK_N"]) * tile["BLOCK_N"]
-        num_splits = triton.cdiv(lk, per)
+        num_splits, per = configs.split_keys(lk, num_splits, tile["BLOCK_N"])
     acc_dtype = accumulator_dtype(q.dtype)
     part_rows = b * hkv * num_splits * rows
     part_acc = torch.empty((part_rows, dv), device=q.device, dtype=acc_dtype)
@@ -302,7 +301,7 @@ def _decode(q, k, v, out, lse, lse_lo, scale, causal_offset, num_splits=None):
     kernels.attn_decode_combine_kernel[(b * hkv * combine_blocks,)](
         part_acc, part_m, part_l, out, lse, lse_lo, hkv, group, lq, rows, num_splits, combine_blocks,
         *out.stride(), *lse.stride(),
-        HEAD_DV=dv, BLOCK_R=combine_rows, BLOCK_DV=flags["BLOCK_DV"], num_warps=configs.DECODE_WARPS,
+        HEAD_DV=dv, BLOCK_R=combine_rows, BLOCK_DV=flags["BLOCK_DV"], num_warps=configs.DECODE_COMBINE_WARPS,
     )
 
 
