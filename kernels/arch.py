@@ -56,3 +56,16 @@ def matmul_path(dtype_bytes: int, input_precision: str | None) -> str:
     if dtype_bytes == 4:
         return "tc32" if input_precision == "tf32" else "fma32"
     return "tc16"
+
+
+# Hopper's TMA unit, through Triton's device-side tensor descriptors (``tl.make_tensor_descriptor``).
+TMA_MIN_ARCH = 90
+
+
+def tma_supported(arch) -> bool:
+    """Whether TMA tiles may run on ``arch`` (an int): sm_90 and later, with a Triton that has device-side
+    tensor descriptors (3.6 and 3.9 do). Whether a launch's tensors allow them is each config module's
+    rule (``attention_configs.tma_compatible``, ``linear_configs.tma_layout``)."""
+    import triton.language as tl
+
+    return arch is not None and int(arch) >= TMA_MIN_ARCH and hasattr(tl, "make_tensor_descriptor")

@@ -8,8 +8,8 @@
   configs one launch may time, what the launchers' autotuners and the AOT report both call.
 - The launch rules at head dims above 128 (:func:`wide_heads`): dK and dV in two launches,
   :func:`backward_precision`, :func:`tile_variant`.
-- TMA tiles (Hopper tensor descriptors, forward only): :func:`tma_supported` (architecture and Triton) and
-  :func:`tma_compatible` (a launch's K and V), the one place that decides where they may run.
+- TMA tiles (Hopper tensor descriptors, all three kernels): ``arch.tma_supported`` (architecture and
+  Triton) and :func:`tma_compatible` (a launch's tensors) decide where they may run.
 - :func:`seqlen_bucket` (autotune keys), :func:`head_block` (``BLOCK_D``), :func:`preprocess_config`,
   :func:`hopeless` (what the AOT calibration runs skip), and the interpreter's pinned tiles.
 
@@ -23,7 +23,7 @@ import dataclasses
 
 import triton
 
-from .arch import CALIBRATED, DEFAULT_ARCH, calibrated, limits, matmul_path
+from .arch import CALIBRATED, DEFAULT_ARCH, calibrated, limits, matmul_path, tma_supported
 from .attention_tiles import CLEAN_TILES
 
 
@@ -349,18 +349,8 @@ def tile_variant(kernel, head_dim, head_dim_v, compute_dk=True, compute_dv=True,
     return variant + "_tma" if tma else variant
 
 
-# Hopper's TMA unit, through Triton's device-side tensor descriptors (tl.make_tensor_descriptor): the kernels
-# that have TMA tiles (all three).
-TMA_MIN_ARCH = 90
+# The kernels that have TMA tiles (all three; Hopper's TMA unit, see arch.tma_supported).
 TMA_KERNELS = ("fwd", "dkdv", "dq")
-
-
-def tma_supported(arch):
-    """Whether TMA tiles may run on ``arch`` (an int): sm_90 and later, with a Triton that has device-side
-    tensor descriptors (3.6 and 3.9 do). :func:`tma_compatible` says whether a launch's tensors allow them."""
-    import triton.language as tl
-
-    return arch is not None and int(arch) >= TMA_MIN_ARCH and hasattr(tl, "make_tensor_descriptor")
 
 
 def tma_compatible(*tensors):

@@ -15,6 +15,12 @@ Algorithm
     and ``linear_split_reduce_kernel`` sums the partials in a fixed order and applies the epilogue. No
     atomics anywhere, so results are bitwise identical from run to run.
 
+    On sm_90 the TMA tiles (``TMA``, 16-bit operands with a contiguous dimension and 16-byte aligned strides,
+    ``linear_configs.tma_layout``) read A and B through device-side tensor descriptors (Hopper's TMA unit)
+    instead of per-thread cp.async addresses; each operand's descriptor is over the operand or over its
+    transpose, whichever has the contiguous last dimension (``A_T``, ``B_T``), and boxes past the end read
+    zeros, so that loop has neither wrapped indices nor a K mask.
+
 Follows: Triton tutorial 03 (matrix multiplication), Liger-Kernel and attorch (three tiers: jit kernel,
 launcher, autograd Function), split-K as in CUTLASS's "serial reduction" variant.
 
@@ -71,13 +77,37 @@ def _load_k_step(ptrs, offs_k, k_left, K_AXIS: tl.constexpr, EVEN_K: tl.constexp
         return tl.load(ptrs, mask=mask, other=0.0)
 
 
-@triton.jit(do_not_specialize=["M_KEY", "N_KEY", "K_KEY"])
+@triton.jit
+def _box_descriptor(base, R, C, stride_r, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    T: tl.constexpr):
+    """TMA descriptor of an (R, C) operand read in (BLOCK_R, BLOCK_C) boxes: over the operand itself when its
+    column stride is 1, or (``T``) over its transpose when its row stride is 1 (the launcher checked one of
+    them, and 16-byte aligned strides and base: ``linear_configs.tma_layout``)."""
+    if T:
+        return tl.make_tensor_descriptor(base, shape=[C, R], strides=[stride_c, 1], block_shape=[BLOCK_C, BLOCK_R])
+    else:
+        return tl.make_tensor_descriptor(base, shape=[R, C], strides=[stride_r, 1], block_shape=[BLOCK_R, BLOCK_C])
+
+
+@triton.jit
+def _load_box(desc, r, c, T: tl.constexpr):
+    """The (BLOCK_R, BLOCK_C) box of a :func:`_box_descriptor` operand at ``(r, c)`` (``T``: read from the
+    transpose and transposed in shared memory, where wgmma takes either major order). Boxes past the end
+    of the tensor read zeros."""
+    if T:
+        return desc.load([c, r]).T
+    else:
+        return desc.load([r, c])
+
+
+@triton.jit(do_not_specialize=["M_KEY", "N_KEY", "K_KEY", "TMA_OK"])
 def linear_kernel(
     # pointers
     A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM,
     # sizes
     M, N, K,
     M_KEY, N_KEY, K_KEY,  # the autotuner's key and the prune's view of the sizes (unused in the kernel)
+    TMA_OK,  # autotune key only: A and B allow TMA tiles (linear_configs.tma_layout)
     # strides
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_pim, stride_pik,  # PRE_IN, indexed like A (prologue)
@@ -95,6 +125,9 @@ def linear_kernel(
     INPUT_PRECISION: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    # A and B through TMA descriptors (a tile's choice; sm_90+, 16-bit, where TMA_OK). A_T: A's descriptor
+    # is over A^T (stride_am = 1: dW's dY^T); B_T: B's over B^T (stride_bk = 1: the forward's W^T).
+    TMA: tl.constexpr = False, A_T: tl.constexpr = False, B_T: tl.constexpr = False,
 ):
     """``C[M, N] = prologue(A)[M, K] @ B[K, N]`` with a fused epilogue, optionally split over K.
 
@@ -132,8 +165,13 @@ def linear_kernel(
         k_lo = pid_s * k_chunk
         k_len = tl.maximum(tl.minimum(K - k_lo, k_chunk), 0)  # the last splits may be empty
 
-    a_ptrs = A + (offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak)
-    b_ptrs = B + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
+    if TMA:
+        # Rows, columns and K past the end read as zeros: no wrapped indices, no K mask.
+        a_desc = _box_descriptor(A, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_T)
+        b_desc = _box_descriptor(B, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_T)
+    else:
+        a_ptrs = A + (offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak)
+        b_ptrs = B + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
     if PROLOGUE_ACT is not None:
         p_ptrs = PRE_IN + (offs_am[:, None] * stride_pim + offs_k[None, :] * stride_pik)
 
@@ -153,7 +191,10 @@ def linear_kernel(
     for step in range(0, tl.cdiv(k_len, BLOCK_K)):
         k_left = k_len - step * BLOCK_K
         k = tl.cast(k_lo + step * BLOCK_K, tl.int64)
-        a = _load_k_step(a_ptrs + k * stride_ak, offs_k, k_left, 1, EVEN_K)
+        if TMA:
+            a = _load_box(a_desc, pid_m * BLOCK_M, k_lo + step * BLOCK_K, A_T)
+        else:
+            a = _load_k_step(a_ptrs + k * stride_ak, offs_k, k_left, 1, EVEN_K)
         if PROLOGUE_ACT is not None:
             pre = _load_k_step(p_ptrs + k * stride_pik, offs_k, k_left, 1, EVEN_K)
             # Rounded back to the operand dtype, as the unfused path's elementwise kernel would store it.
@@ -162,7 +203,10 @@ def linear_kernel(
             row_sum = tl.dot(a, e0, row_sum, out_dtype=ACC_DTYPE)
         elif ROW_SUM:
             row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
-        b = _load_k_step(b_ptrs + k * stride_bk, offs_k, k_left, 0, EVEN_K)
+        if TMA:
+            b = _load_box(b_desc, k_lo + step * BLOCK_K, pid_n * BLOCK_N, B_T)
+        else:
+            b = _load_k_step(b_ptrs + k * stride_bk, offs_k, k_left, 0, EVEN_K)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     if ROW_SUM_MMA:

@@ -19,13 +19,15 @@ import math
 
 import triton
 
-from .arch import DEFAULT_ARCH, calibrated, limits, matmul_path
+from .arch import DEFAULT_ARCH, calibrated, limits, matmul_path, tma_supported
 
 
 @dataclasses.dataclass(frozen=True)
 class Tile:
     """One matmul config: output tile ``block_m x block_n``, reduction step ``block_k``, ``group_m`` rows of
-    tiles per L2 group, warps, pipeline stages, and an optional register cap (PTX ``.maxnreg``)."""
+    tiles per L2 group, warps, pipeline stages, and an optional register cap (PTX ``.maxnreg``). ``tma``:
+    A and B come through TMA tensor descriptors (``TMA`` of ``linear_kernel``; sm_90+, 16-bit, where the
+    launch's operands allow it: :func:`tma_layout`)."""
 
     block_m: int
     block_n: int
@@ -34,14 +36,23 @@ class Tile:
     num_stages: int
     group_m: int = 8
     maxnreg: int | None = None
+    tma: bool = False
 
     def config(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
-                              "GROUP_M": self.group_m},
-                             num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+        kwargs = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m}
+        if self.tma:  # absent otherwise: a plain config launches the kernel's default (TMA = False)
+            kwargs["TMA"] = True
+        return triton.Config(kwargs, num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
 
 
 TILES = (
+    # TMA tiles (sm_90, fp16/bf16, operands with a contiguous dimension and 16-byte aligned strides): the
+    # largest tiles of the list below, their operands fetched by the TMA unit instead of per-thread
+    # cp.async addresses (no address registers or index arithmetic in the loop, no K mask: boxes past the
+    # end read zeros).
+    Tile(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3, tma=True),
+    Tile(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, tma=True),
+    Tile(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, tma=True),
     Tile(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
     Tile(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
     Tile(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
@@ -135,6 +146,8 @@ def keep(config, dtype_bytes, arch=DEFAULT_ARCH, flags=None):
                    for kind in ({"EPILOGUE_ACT": "gelu"}, {"PROLOGUE_ACT": "gelu", "ROW_SUM": True}))
     kw = config.kwargs
     bm, bn, bk, warps = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps
+    if kw.get("TMA") and (dtype_bytes != 2 or not tma_supported(arch)):
+        return False
     if matmul_smem_bytes(bm, bn, bk, config.num_stages, dtype_bytes) > limits(arch).smem_per_block:
         return False
     path = matmul_path(dtype_bytes, flags.get("INPUT_PRECISION"))
@@ -147,9 +160,11 @@ def keep(config, dtype_bytes, arch=DEFAULT_ARCH, flags=None):
     a_tile = bm * bk * wide / threads
     b_tile = bk * bn * wide / threads
     words = acc
-    # Operands loaded element by element keep a 64-bit address per element in the loop.
-    a_each, b_each = elementwise_operands(flags, path, arch)
-    words += ADDRESS_WORDS * (a_each * bm * bk + b_each * bk * bn) / threads
+    # Operands loaded element by element keep a 64-bit address per element in the loop (not through TMA:
+    # the descriptor reads any row stride that is a multiple of 16 bytes).
+    if not kw.get("TMA"):
+        a_each, b_each = elementwise_operands(flags, path, arch)
+        words += ADDRESS_WORDS * (a_each * bm * bk + b_each * bk * bn) / threads
     if fma:
         words += 2 * (a_tile + b_tile)
     elif arch < 90:
@@ -204,7 +219,8 @@ def elementwise_operands(args, path, arch):
 def prune(configs, args, *, dtype_bytes, arch):
     """The configs the autotuner may time for one launch of ``linear_kernel``.
 
-    Those :func:`keep` accepts for the launch's flags whose tiles the output fills to more than
+    Those :func:`keep` accepts for the launch's flags (TMA tiles only where the launch's ``TMA_OK`` says its
+    operands allow them, :func:`tma_layout`) whose tiles the output fills to more than
     :data:`MIN_FILL` (:func:`fill`, on the sizes of the autotune key ``M_KEY`` x ``N_KEY``), without the
     tiles under 64 rows or columns where the output has 64 or more (unless only those fill it); when
     keep() accepts some but none fills that far, the best-filled of them; when it accepts none, the last
@@ -221,7 +237,8 @@ def prune(configs, args, *, dtype_bytes, arch):
     Returns:
         The kept configs, in list order (never empty).
     """
-    kept = [c for c in configs if keep(c, dtype_bytes, arch, flags=args)]
+    kept = [c for c in configs
+            if keep(c, dtype_bytes, arch, flags=args) and (args.get("TMA_OK") or not c.kwargs.get("TMA"))]
     m, n = args.get("M_KEY"), args.get("N_KEY")
     if kept and m and n:
         filled = [c for c in kept if fill(c, m, n) > MIN_FILL]
@@ -236,6 +253,33 @@ def _thin(config, m, n):
     often than a 64-wide tile would, and on sm_90 runs on mma.sync (wgmma has 64 rows per warp group).
     The skinny tiles are for skinny outputs; prune() keeps them for larger ones only when nothing else fits."""
     return (config.kwargs["BLOCK_M"] < 64 <= m) or (config.kwargs["BLOCK_N"] < 64 <= n)
+
+
+def tma_layout(a, b):
+    """``(ok, a_t, b_t)``: whether the operands ``a`` (M, K) and ``b`` (K, N) of a launch can be read through
+    TMA descriptors, and over which orientation (``A_T`` / ``B_T`` of ``linear_kernel``). Each must be
+    16-bit (the TMA tiles are calibrated for those) and 2-D with one stride 1 and the other a multiple of
+    16 bytes, on a 16-byte aligned address (TMA's rules); ``a_t`` when ``a``'s row stride is the 1 (the
+    descriptor is over a^T), ``b_t`` when ``b``'s K stride is (over b^T). The forward's W^T is ``b_t``, the
+    dW launch's dY^T ``a_t``."""
+    def transposed(t):
+        """False (over t), True (over t^T), or None (no TMA)."""
+        size = t.element_size()
+        if size != 2 or t.dim() != 2:
+            return None
+        # A meta tensor has no address: its offset into a (16-byte aligned) allocation stands for one.
+        address = t.storage_offset() * size if t.device.type == "meta" else t.data_ptr()
+        if address % 16:
+            return None
+        for flip, (inner, outer) in ((False, (t.stride(1), t.stride(0))), (True, (t.stride(0), t.stride(1)))):
+            if inner == 1 and outer * size % 16 == 0 and outer > 0:
+                return flip
+        return None
+
+    a_t, b_t = transposed(a), transposed(b)
+    if a_t is None or b_t is None:
+        return False, False, False
+    return True, a_t, b_t
 
 
 # Swapped launches: at most this many output rows (tokens) go to the columns instead.

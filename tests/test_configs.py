@@ -80,7 +80,7 @@ def test_linear_tiles_are_named_records_in_factory_order():
     assert len(configs) == len(LC.TILES) == len(set(LC.TILES))
     for tile, c in zip(LC.TILES, configs):
         assert c.kwargs == {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
-                            "GROUP_M": tile.group_m}
+                            "GROUP_M": tile.group_m, **({"TMA": True} if tile.tma else {})}
         assert (c.num_warps, c.num_stages, c.maxnreg) == (tile.num_warps, tile.num_stages, tile.maxnreg)
     with pytest.raises(dataclasses.FrozenInstanceError):
         LC.TILES[0].block_m = 1
@@ -109,7 +109,10 @@ def test_linear_prune_keeps_the_last_tile_for_fp64_derivatives_and_falls_back_to
         assert not any(LC.keep(c, 8, arch, flags) for c in configs[:-1])
         assert LC.prune(configs[:-1], flags, dtype_bytes=8, arch=arch) == configs[-2:-1]
     plain = LC.prune(configs, {"INPUT_PRECISION": "ieee"}, dtype_bytes=2, arch=90)
-    assert len(plain) > 1 and plain == [c for c in configs if LC.keep(c, 2, 90, {"INPUT_PRECISION": "ieee"})]
+    assert len(plain) > 1 and plain == [c for c in configs if LC.keep(c, 2, 90, {"INPUT_PRECISION": "ieee"})
+                                        and not c.kwargs.get("TMA")]  # no TMA tile without TMA_OK
+    with_tma = LC.prune(configs, {"INPUT_PRECISION": "ieee", "TMA_OK": 1}, dtype_bytes=2, arch=90)
+    assert with_tma == [c for c in configs if LC.keep(c, 2, 90, {"INPUT_PRECISION": "ieee"})]
 
 
 def test_linear_autotuner_prunes_with_the_config_module_for_the_device_arch(monkeypatch):
@@ -152,7 +155,8 @@ def test_linear_prune_is_m_aware():
     best = max(LC.fill(c, 16, 16) for c in configs if LC.keep(c, 2, 90, plain))
     assert tiles and best <= LC.MIN_FILL and all(LC.fill(c, 16, 16) == best for c in tiles)
     # Without the sizes (a caller that does not know them) nothing is dropped for its fill.
-    assert LC.prune(configs, plain, dtype_bytes=2, arch=90) == [c for c in configs if LC.keep(c, 2, 90, plain)]
+    assert LC.prune(configs, {**plain, "TMA_OK": 1}, dtype_bytes=2, arch=90) == [c for c in configs
+                                                                                 if LC.keep(c, 2, 90, plain)]
 
 
 def test_linear_swap_and_autotune_keys():

@@ -68,7 +68,7 @@ def _autotuned(role: str):
     """One autotuner per role (forward, dX, dW): their best tiles differ for the same sizes."""
     return triton.autotune(
         configs=configs.get_linear_configs(),
-        key=["M_KEY", "N_KEY", "K_KEY", "SPLIT_K"],
+        key=["M_KEY", "N_KEY", "K_KEY", "SPLIT_K", "TMA_OK"],
         prune_configs_by={"early_config_prune": _prune},
     )(kernels.linear_kernel)
 
@@ -105,11 +105,12 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
     rs = row_sum
     if row_sum is not None and split > 1:
         rs = torch.empty((split, m), device=a.device, dtype=acc_dtype)
+    tma_ok, a_t, b_t = configs.tma_layout(a, b)
     pre_in_strides = pre_in.stride() if pre_in is not None else (0, 0)
     pre_out_strides = pre_out.stride() if pre_out is not None else (0, 0)
     args = (
         a, b, out, bias, pre_in, pre_out, ws, rs,
-        m, n, k, *configs.autotune_keys(m, n, k, tokens),
+        m, n, k, *configs.autotune_keys(m, n, k, tokens), int(tma_ok),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         *pre_in_strides, *pre_out_strides, bias.stride(0) if bias is not None else 0,
     )
@@ -124,14 +125,21 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
         EVEN_K=configs.even_k(k),
         INPUT_PRECISION=_device.dot_precision(a.dtype, a.device),
     )
+    if tma_ok:  # the operands' orientation for TMA tiles (the kernel's defaults otherwise)
+        flags.update(A_T=a_t, B_T=b_t)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
 
     if _device.use_autotune():
+        if tma_ok:
+            _device.ensure_scratch_allocator()  # TMA tiles build their descriptors in global scratch
         _autotuned(role + ("-swapped" if swap else ""))[grid](*args, **flags)
     else:
-        kernels.linear_kernel[grid](*args, **flags, **configs.INTERPRETER_CONFIG)
+        pinned = configs.INTERPRETER_CONFIG
+        if pinned.get("TMA") and not tma_ok:  # the tests pin a TMA tile to run the descriptor path
+            pinned = {name: value for name, value in pinned.items() if name != "TMA"}
+        kernels.linear_kernel[grid](*args, **flags, **pinned)
 
     if split > 1:
         _split_reduce(ws, out, bias, pre_out, epilogue_act, split, bias_along_m=swap)
