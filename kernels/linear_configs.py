@@ -47,9 +47,10 @@ class Tile:
 
 TILES = (
     # TMA tiles (sm_90, fp16/bf16, operands with a contiguous dimension and 16-byte aligned strides): the
-    # largest tiles of the list below, their operands fetched by the TMA unit instead of per-thread
-    # cp.async addresses (no address registers or index arithmetic in the loop, no K mask: boxes past the
-    # end read zeros).
+    # largest tiles of the list below, and further down twins of the 64-row and skinny tiles that decoding
+    # sizes keep, their operands fetched by the TMA unit instead of per-thread cp.async addresses (no
+    # address registers or index arithmetic in the loop, no K mask: boxes past the end read zeros). A TMA
+    # tile comes before its pointer twin: the report's "picked" breaks ties by list order.
     Tile(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3, tma=True),
     Tile(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, tma=True),
     Tile(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, tma=True),
@@ -58,6 +59,7 @@ TILES = (
     Tile(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
     Tile(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=4),
     Tile(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4),
+    Tile(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, tma=True),
     Tile(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
     Tile(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
     Tile(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3),
@@ -65,8 +67,10 @@ TILES = (
     # Skinny outputs: decoding's few tokens in the columns of a swapped launch (swap_operands), narrow
     # layers. One warp group's wgmma has 64 rows and takes 8-256 columns, so 16 or 32 columns keep
     # each instruction full; a long K step amortises the loop over the thin tile.
+    Tile(block_m=128, block_n=32, block_k=128, num_warps=4, num_stages=3, tma=True),
     Tile(block_m=128, block_n=32, block_k=128, num_warps=4, num_stages=3),
     Tile(block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=4),
+    Tile(block_m=128, block_n=16, block_k=128, num_warps=4, num_stages=4, tma=True),
     Tile(block_m=128, block_n=16, block_k=128, num_warps=4, num_stages=4),
     Tile(block_m=64, block_n=16, block_k=128, num_warps=4, num_stages=4),
     # Last: the only tile keep() accepts for fp64 with a fused activation derivative (whose erf alone

@@ -158,7 +158,7 @@ def _launch_args(**kw):
 
 def test_prune_offers_tma_tiles_only_where_they_may_run():
     """sm_90, 16-bit, TMA_OK: the largest kept tile is a TMA one; without TMA_OK, on sm_80 or for fp32,
-    none. Decoding-sized outputs keep their thin tiles (no TMA tile fills them)."""
+    none."""
     tiles = configs.get_linear_configs()
 
     def tma_tiles(args, dtype_bytes=2, arch=90):
@@ -171,7 +171,10 @@ def test_prune_offers_tma_tiles_only_where_they_may_run():
     assert tma_tiles(_launch_args(), arch=80) == []
     assert tma_tiles(_launch_args(), dtype_bytes=4) == []
     assert tma_tiles(_launch_args(INPUT_PRECISION="tf32"), dtype_bytes=4) == []
-    assert tma_tiles(_launch_args(N_KEY=16)) == []
+    # Decoding sizes: the TMA twins of the 64-row and skinny tiles, filled as the pointer tiles are.
+    for m, n in ((4096, 16), (4096, 32), (64, 4096)):
+        thin = tma_tiles(_launch_args(M_KEY=m, N_KEY=n))
+        assert thin and all(configs.fill(c, m, n) > configs.MIN_FILL for c in thin), (m, n)
     for c in tiles:
         if c.kwargs.get("TMA"):
             assert not configs.keep(c, 2, 80), "no TMA before sm_90"
