@@ -128,18 +128,55 @@ def linear_kernel(
     # A and B through TMA descriptors (a tile's choice; sm_90+, 16-bit, where TMA_OK). A_T: A's descriptor
     # is over A^T (stride_am = 1: dW's dY^T); B_T: B's over B^T (stride_bk = 1: the forward's W^T).
     TMA: tl.constexpr = False, A_T: tl.constexpr = False, B_T: tl.constexpr = False,
+    # A persistent grid (TMA tiles): one program per SM walks the output tiles (and splits), so the next
+    # tile's first loads overlap this one's epilogue.
+    PERSISTENT: tl.constexpr = False,
 ):
     """``C[M, N] = prologue(A)[M, K] @ B[K, N]`` with a fused epilogue, optionally split over K.
 
-    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). With SPLIT_K > 1, WS (SPLIT_K, M, N) and
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K); ``PERSISTENT``: (at most one program per SM, 1),
+    each taking the tiles ``program_id, program_id + num_programs, ...`` of the split-major tile order. With SPLIT_K > 1, WS (SPLIT_K, M, N) and
     ROWSUM (SPLIT_K, M) receive accumulator-dtype partials and the epilogue runs in the reduce kernel.
     The launcher sets EVEN_K when K is a multiple of every BLOCK_K it may pick.
     """
     tl.static_assert(BLOCK_K >= 16, "tl.dot needs K tiles of at least 16")
+    tl.static_assert(TMA or not PERSISTENT, "persistent tiles read through TMA")
+    if TMA:
+        # Rows, columns and K past the end read as zeros: no wrapped indices, no K mask.
+        a_desc = _box_descriptor(A, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_T)
+        b_desc = _box_descriptor(B, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_T)
+    else:
+        a_desc = None
+        b_desc = None
+    if PERSISTENT:
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles * SPLIT_K, tl.num_programs(0), flatten=True):
+            _linear_tile(tile % tiles, tile // tiles, A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM, a_desc, b_desc,
+                         M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                         stride_pim, stride_pik, stride_pom, stride_pon, stride_bias,
+                         HAS_BIAS, BIAS_ALONG_M, PROLOGUE_ACT, EPILOGUE_ACT, STORE_PRE, ROW_SUM, SPLIT_K, EVEN_K,
+                         INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, A_T, B_T)
+    else:
+        _linear_tile(tl.program_id(0), tl.program_id(1), A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM, a_desc, b_desc,
+                     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                     stride_pim, stride_pik, stride_pom, stride_pon, stride_bias,
+                     HAS_BIAS, BIAS_ALONG_M, PROLOGUE_ACT, EPILOGUE_ACT, STORE_PRE, ROW_SUM, SPLIT_K, EVEN_K,
+                     INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, A_T, B_T)
+
+
+@triton.jit
+def _linear_tile(pid, pid_s, A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM, a_desc, b_desc,
+                 M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                 stride_pim, stride_pik, stride_pom, stride_pon, stride_bias,
+                 HAS_BIAS: tl.constexpr, BIAS_ALONG_M: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
+                 EPILOGUE_ACT: tl.constexpr, STORE_PRE: tl.constexpr, ROW_SUM: tl.constexpr, SPLIT_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr,
+                 B_T: tl.constexpr):
+    """Output tile ``pid`` (in grouped order) of split ``pid_s``: ``linear_kernel``'s main loop and epilogue
+    (the kernel's arguments; ``a_desc`` / ``b_desc`` its TMA descriptors, None for pointer tiles)."""
     ACC_DTYPE: tl.constexpr = tl.float64 if A.dtype.element_ty == tl.float64 else tl.float32
 
-    pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Grouped ordering: GROUP_M rows of tiles share the same B columns while they are in L2.
@@ -165,11 +202,7 @@ def linear_kernel(
         k_lo = pid_s * k_chunk
         k_len = tl.maximum(tl.minimum(K - k_lo, k_chunk), 0)  # the last splits may be empty
 
-    if TMA:
-        # Rows, columns and K past the end read as zeros: no wrapped indices, no K mask.
-        a_desc = _box_descriptor(A, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_T)
-        b_desc = _box_descriptor(B, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_T)
-    else:
+    if not TMA:
         a_ptrs = A + (offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak)
         b_ptrs = B + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
     if PROLOGUE_ACT is not None:

@@ -27,7 +27,8 @@ class Tile:
     """One matmul config: output tile ``block_m x block_n``, reduction step ``block_k``, ``group_m`` rows of
     tiles per L2 group, warps, pipeline stages, and an optional register cap (PTX ``.maxnreg``). ``tma``:
     A and B come through TMA tensor descriptors (``TMA`` of ``linear_kernel``; sm_90+, 16-bit, where the
-    launch's operands allow it: :func:`tma_layout`)."""
+    launch's operands allow it: :func:`tma_layout`). ``persistent`` (TMA tiles only): one program per SM
+    walks the output tiles (``PERSISTENT``; the launcher's grid)."""
 
     block_m: int
     block_n: int
@@ -37,11 +38,18 @@ class Tile:
     group_m: int = 8
     maxnreg: int | None = None
     tma: bool = False
+    persistent: bool = False
+
+    def __post_init__(self):
+        if self.persistent and not self.tma:
+            raise ValueError("persistent tiles read through TMA (tma=True)")
 
     def config(self) -> triton.Config:
         kwargs = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m}
         if self.tma:  # absent otherwise: a plain config launches the kernel's default (TMA = False)
             kwargs["TMA"] = True
+        if self.persistent:
+            kwargs["PERSISTENT"] = True
         return triton.Config(kwargs, num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
 
 
@@ -54,6 +62,10 @@ TILES = (
     Tile(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3, tma=True),
     Tile(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, tma=True),
     Tile(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, tma=True),
+    # Persistent twins: the next tile's first loads overlap this one's epilogue (bench/GPU.md, "TMA tiles
+    # of the linear kernel").
+    Tile(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3, tma=True, persistent=True),
+    Tile(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, tma=True, persistent=True),
     Tile(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
     Tile(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
     Tile(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
@@ -151,6 +163,11 @@ def keep(config, dtype_bytes, arch=DEFAULT_ARCH, flags=None):
     kw = config.kwargs
     bm, bn, bk, warps = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps
     if kw.get("TMA") and (dtype_bytes != 2 or not tma_supported(arch)):
+        return False
+    # Persistent tiles not with the bias gradient's row sums: Triton 3.6's loop flattening
+    # (TritonGPUFuseNestedLoops) fails to compile that loop ("scf.if ... source has 2 operands, but target
+    # successor needs 4"); 3.9 compiles it.
+    if kw.get("PERSISTENT") and flags.get("ROW_SUM"):
         return False
     if matmul_smem_bytes(bm, bn, bk, config.num_stages, dtype_bytes) > limits(arch).smem_per_block:
         return False

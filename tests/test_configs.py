@@ -80,7 +80,8 @@ def test_linear_tiles_are_named_records_in_factory_order():
     assert len(configs) == len(LC.TILES) == len(set(LC.TILES))
     for tile, c in zip(LC.TILES, configs):
         assert c.kwargs == {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
-                            "GROUP_M": tile.group_m, **({"TMA": True} if tile.tma else {})}
+                            "GROUP_M": tile.group_m, **({"TMA": True} if tile.tma else {}),
+                            **({"PERSISTENT": True} if tile.persistent else {})}
         assert (c.num_warps, c.num_stages, c.maxnreg) == (tile.num_warps, tile.num_stages, tile.maxnreg)
     with pytest.raises(dataclasses.FrozenInstanceError):
         LC.TILES[0].block_m = 1

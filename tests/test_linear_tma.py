@@ -32,9 +32,11 @@ class _Recorder:
     def __init__(self, kernel):
         self.kernel = kernel
         self.launches = []
+        self.grids = []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            self.grids.append(grid(kwargs) if callable(grid) else grid)
             tma_ok = args[self.kernel.arg_names.index("TMA_OK")]
             self.launches.append((tma_ok, kwargs.get("TMA", False), kwargs.get("A_T", False), kwargs.get("B_T", False)))
             return self.kernel[grid](*args, **kwargs)
@@ -42,9 +44,11 @@ class _Recorder:
         return launch
 
 
-def _pin_tma(monkeypatch):
-    """Pin a TMA tile for the interpreter's launches and record what the kernel is handed."""
-    monkeypatch.setattr(configs, "INTERPRETER_CONFIG", {**configs.INTERPRETER_CONFIG, "TMA": True})
+def _pin_tma(monkeypatch, persistent=False):
+    """Pin a TMA tile (``persistent``: a persistent one) for the interpreter's launches and record what the
+    kernel is handed."""
+    tile = {**configs.INTERPRETER_CONFIG, "TMA": True, **({"PERSISTENT": True} if persistent else {})}
+    monkeypatch.setattr(configs, "INTERPRETER_CONFIG", tile)
     recorder = _Recorder(linear_ops.kernels.linear_kernel)
     monkeypatch.setattr(linear_ops.kernels, "linear_kernel", recorder)
     return recorder
@@ -194,3 +198,49 @@ def test_tma_tiles_need_no_vector_aligned_rows():
     biggest = kept[0]
     assert biggest.kwargs.get("TMA") and biggest.kwargs["BLOCK_M"] * biggest.kwargs["BLOCK_N"] >= 128 * 128
     assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept if not c.kwargs.get("TMA"))
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_persistent_tiles_walk_every_tile(split, monkeypatch):
+    """A persistent TMA tile on a "GPU" of 5 SMs (``num_sms`` patched): 5 programs walk the 12 output tiles
+    of each split (4 x 3 tiles of 32 x 32 for 97 x 80; 36 with three splits), so each program takes
+    several tiles, of several splits. Results as the references; and bitwise those of the grid with one
+    program per tile (every output tile is still summed by one program in one order)."""
+    x, w, b = _inputs((97, 96), 80, torch.float16, requires_grad=False)
+    grad = torch.randn(97, 80, device=DEVICE, dtype=torch.float16)
+    pre = F.linear(x, w, b)
+    runs = {}
+    for persistent in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            recorder = _pin_tma(mp, persistent)
+            mp.setattr(linear_ops._device, "num_sms", lambda *args: 5)
+            out = linear_ops.linear_forward(x, w, b, "gelu", True, split=split)
+            grads = linear_ops.linear_backward(grad, x, w, pre, "gelu", True, True, True, split=split)
+            runs[persistent] = (*out, *grads)
+        if _ran_kernels(x) and persistent:
+            assert all(tma for _, tma, _, _ in recorder.launches)
+            assert recorder.grids[0] == (5, 1)
+    out, pre_out, dx, dw, db = runs[True]
+    ref = testing.linear_reference(x, w, b, "gelu")
+    floor = testing.linear_bounds(x, w, b, "gelu")
+    assert_close(pre_out, pre, ref["pre"], 2, "pre-activation", floor=floor["pre"])
+    assert_close(out, F.gelu(pre), ref["out"], 2, "output", floor=floor["out"])
+    ref = testing.linear_reference(x, w, b, "gelu", grad, pre=pre)
+    floor = testing.linear_bounds(x, w, b, "gelu", grad, pre=pre)
+    g_t = grad * torch.func.grad(lambda p: F.gelu(p).sum())(pre)
+    assert_close(dx, g_t @ w, ref["dx"], 3, "dx", floor=floor["dx"])
+    assert_close(dw, g_t.t() @ x, ref["dw"], 3, "dw", floor=floor["dw"])
+    assert_close(db, g_t.sum(0), ref["db"], 3, "db", floor=floor["db"])
+    if _ran_kernels(x):
+        for a, c in zip(runs[True], runs[False]):
+            assert torch.equal(a, c)
+
+
+def test_persistent_tiles_are_tma_tiles():
+    with pytest.raises(ValueError, match="persistent tiles read through TMA"):
+        configs.Tile(128, 128, 64, 8, 4, persistent=True)
+    tiles = configs.get_linear_configs()
+    assert any(c.kwargs.get("PERSISTENT") for c in configs.prune(tiles, _launch_args(), dtype_bytes=2, arch=90))
+    # Not with the bias gradient's row sums (Triton 3.6 fails to compile that flattened loop).
+    assert not any(c.kwargs.get("PERSISTENT")
+                   for c in configs.prune(tiles, _launch_args(ROW_SUM=True), dtype_bytes=2, arch=90))

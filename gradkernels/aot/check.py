@@ -46,16 +46,17 @@ class Row:
 
 
 def config_label(config=None, options: Mapping | None = None) -> str:
-    """``"128x64x32x8 w4 s3"`` (tiles in factory order, warps, stages, ``r<maxnreg>`` if set, ``tma`` for the
-    attention forward's TMA tiles); a fixed-tile
+    """``"128x64x32x8 w4 s3"`` (tiles in factory order, warps, stages, ``r<maxnreg>`` if set, ``tma`` for
+    TMA tiles, ``persistent`` for the linear kernel's persistent ones); a fixed-tile
     launch is labelled by its options."""
     if config is None:
         opts = dict(options or {})
         return f"launch w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
-    tiles = "x".join(str(v) for name, v in config.kwargs.items() if name != "TMA")
+    tiles = "x".join(str(v) for name, v in config.kwargs.items() if name not in ("TMA", "PERSISTENT"))
     maxnreg = f" r{config.maxnreg}" if getattr(config, "maxnreg", None) else ""
     tma = " tma" if config.kwargs.get("TMA") else ""
-    return f"{tiles} w{config.num_warps} s{config.num_stages}{maxnreg}{tma}"
+    persistent = " persistent" if config.kwargs.get("PERSISTENT") else ""
+    return f"{tiles} w{config.num_warps} s{config.num_stages}{maxnreg}{tma}{persistent}"
 
 
 def _selected(name: str, wanted: Sequence[str] | None) -> bool:

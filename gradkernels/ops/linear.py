@@ -129,7 +129,10 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
         flags.update(A_T=a_t, B_T=b_t)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        if meta.get("PERSISTENT"):  # one program per SM walks the tiles of every split
+            return (min(_device.num_sms(), tiles * split), 1)
+        return (tiles, split)
 
     if _device.use_autotune():
         if tma_ok:
@@ -138,7 +141,7 @@ def matmul(a, b, *, out, bias=None, pre_in=None, pre_out=None, prologue_act=None
     else:
         pinned = configs.INTERPRETER_CONFIG
         if pinned.get("TMA") and not tma_ok:  # the tests pin a TMA tile to run the descriptor path
-            pinned = {name: value for name, value in pinned.items() if name != "TMA"}
+            pinned = {name: value for name, value in pinned.items() if name not in ("TMA", "PERSISTENT")}
         kernels.linear_kernel[grid](*args, **flags, **pinned)
 
     if split > 1:
