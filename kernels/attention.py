@@ -20,7 +20,10 @@ Algorithm
       recomputing ``P^T = exp2(K Q^T * scale*log2e - LSE*log2e)``: ``dV += P^T dO``,
       ``dS^T = P^T * (V dO^T - Delta)``, ``dK += dS^T Q``.
     - ``attn_bwd_dq_kernel``: one program per (query block, batch * query head), looping over key
-      blocks like the forward: ``dQ += (P * (dO V^T - Delta)) K``.
+      blocks like the forward: ``dQ += (P * (dO V^T - Delta)) K``. The LSE residual ``lo`` of a query row
+      is a factor ``exp2(-lo)`` of every P in that row, hence of its whole dQ row: the TMA loop computes P
+      without it and the epilogue scales each dQ row once (the pointer and feature paths subtract it per
+      element as the dK/dV kernel does).
     Each gradient element is written by exactly one program, so there are no atomics and results are
     bitwise identical from run to run. GQA/MQA: kv head = q head // GROUP; dK/dV of a kv head are
     summed over its group inside one program, in a fixed order, without expanded K/V copies.

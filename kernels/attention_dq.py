@@ -21,7 +21,9 @@ def _attn_bwd_dq_inner(
     TMA: tl.constexpr,
 ):
     """Accumulate one query tile's dQ over key blocks ``[lo, hi)`` (``TMA``: K and V through the descriptors,
-    as in the forward's ``_attn_fwd_inner``)."""
+    as in the forward's ``_attn_fwd_inner``). The TMA loop leaves out the rows' LSE residuals: its sum is short
+    of a factor ``exp2(-lo)`` per row, which the caller applies once (the pointer tiles subtract ``lo`` per
+    element: scaling the rows at the end made several of them spill, sm_80 and fp32/fp64 tiles)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -35,7 +37,12 @@ def _attn_bwd_dq_inner(
             k = load_tile(K_bh + start_n * stride_kn, offs_n, offs_d, stride_kn, stride_kd, rows, HEAD_D)
             v = load_tile(V_bh + start_n * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, rows, HEAD_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=dq.dtype)
-        p = tl.math.exp2(tl.fma(qk, qk_scale, -row_hi[:, None]) - row_lo[:, None])
+        if TMA:
+            # P / exp2(-lo): the row's LSE residual is a factor of the whole row, so the caller applies it to
+            # dQ once (row_scale) instead of one subtraction per score element here.
+            p = tl.math.exp2(tl.fma(qk, qk_scale, -row_hi[:, None]))
+        else:
+            p = tl.math.exp2(tl.fma(qk, qk_scale, -row_hi[:, None]) - row_lo[:, None])
         if MASKED:
             # Keys past LK are masked too: their zero K gives s = 0 and exp2(-lse) can overflow.
             if TMA:
@@ -256,6 +263,11 @@ def attn_bwd_dq_kernel(
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             True, IS_CAUSAL, INPUT_PRECISION, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, TMA,
         )
+        if TMA:
+            # dQ_i = sm_scale * exp2(-lo_i) * sum_j P'_ij (dP_ij - Delta_i) K_j, P' the loop's exp2(s - hi).
+            dq = dq * (tl.math.exp2(-row_lo) * sm_scale)[:, None]
+        else:
+            dq = dq * sm_scale
         store_tile(DQ + b * stride_dqb + h * stride_dqh + start_m * stride_dqm,
-                   (dq * sm_scale).to(DQ.dtype.element_ty), offs_m_local, offs_d, stride_dqm, stride_dqd,
+                   dq.to(DQ.dtype.element_ty), offs_m_local, offs_d, stride_dqm, stride_dqd,
                    rows, HEAD_D)

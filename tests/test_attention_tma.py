@@ -157,3 +157,27 @@ def test_prune_offers_tma_tiles_only_where_they_may_run(kernel):
         if c.kwargs.get("TMA"):
             assert not configs.keep(c, 256, 2, 90, kernel=kernel), "no TMA tiles above D = 128"
             assert not configs.keep(c, 128, 2, 80, kernel=kernel), "no TMA before sm_90"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_backward_applies_the_lse_residual(causal, monkeypatch):
+    """The TMA dQ loop leaves each row's LSE residual out of P and scales the dQ row by ``exp2(-lo)`` once;
+    the dK/dV loop subtracts it per element. Handed an LSE rounded 0.25 off with the residual that puts it
+    back (``split_lse``'s contract: ``exact = (fl(lse * log2 e) + lo) * ln 2``), the TMA backward must give
+    the gradients of the exact LSE; a kernel that dropped or misapplied the residual would be off by a
+    factor e^0.25 in P."""
+    recorder = _pin_tma(monkeypatch)
+    q, k, v = _qkv(1, 4, 2, 45, 53, 64, 64, torch.float16)
+    grad_out = torch.randn(1, 4, 45, 64, device=DEVICE, dtype=torch.float16)
+    scale, offset = 1 / 8, (53 - 45 if causal else None)
+    out, lse, lse_lo = attention_ops.attention_forward(q.detach(), k.detach(), v.detach(), offset, scale)
+    exact = attention_ops.exact_lse(lse, lse_lo)
+    shifted = (exact + 0.25).to(lse.dtype)
+    lo = exact * attention_ops._LOG2E - (shifted * attention_ops._LOG2E).double()
+    assert lo.abs().min().item() > 0.3  # the residual carries 0.25 / ln 2 of the LSE
+    recorder.launches.clear()
+    dq, dk, dv = attention_ops.attention_backward(grad_out, q.detach(), k.detach(), v.detach(), out, shifted,
+                                                  lo.to(lse_lo.dtype), offset, scale)
+    check_attention((out, lse, dq, dk, dv), _oracles(q, k, v, grad_out, causal, scale), torch.float32)
+    if gradkernels.backend_for(q) != "torch" and not ON_GPU:
+        assert recorder.launches == [(name, 1, True) for name in KERNELS[1:]]
