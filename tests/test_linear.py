@@ -61,6 +61,28 @@ def check_linear(x, w, b, act, grad=None):
         assert_close(a, a_t, ref[name], 3, name, floor=floor[name])
 
 
+def check_forward_parts(x, w, b, act, out, pre):
+    """A forward launch's output (and stored pre-activation, when not None) against the fp64 reference and
+    torch's same-dtype ``act(F.linear)``."""
+    ref = testing.linear_reference(x, w, b, act)
+    floor = testing.linear_bounds(x, w, b, act)
+    pre_t = F.linear(x, w, b)
+    if pre is not None:
+        assert_close(pre, pre_t, ref["pre"], 2, "pre-activation", floor=floor["pre"])
+    assert_close(out, reference.activation_fn(pre_t, act), ref["out"], 2, "output", floor=floor["out"])
+
+
+def check_backward_parts(x, w, b, act, grad, pre, dx, dw, db):
+    """A backward launch's dX, dW and db for the output gradient ``grad`` and pre-activation ``pre``
+    against the fp64 reference and torch's same-dtype ``dY' = grad * act'(pre)`` products."""
+    ref = testing.linear_reference(x, w, b, act, grad, pre=pre)
+    floor = testing.linear_bounds(x, w, b, act, grad, pre=pre)
+    g_t = grad if act is None else grad * torch.func.grad(lambda p: reference.activation_fn(p, act).sum())(pre)
+    assert_close(dx, g_t @ w, ref["dx"], 3, "dx", floor=floor["dx"])
+    assert_close(dw, g_t.t() @ x, ref["dw"], 3, "dw", floor=floor["dw"])
+    assert_close(db, g_t.sum(0), ref["db"], 3, "db", floor=floor["db"])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (37, 97, 53), (113, 40, 257), (7, 600, 33)])
 def test_shapes_and_dtypes(m, k, n, dtype):
@@ -160,20 +182,11 @@ def test_even_and_ragged_k(k, split):
     assert linear_ops.configs.even_k(256) and not linear_ops.configs.even_k(200)
     x, w, b = _inputs((37, k), 45, torch.float32, requires_grad=False)
     out, pre = linear_ops.linear_forward(x, w, b, "gelu", True, split=split)
-    ref = testing.linear_reference(x, w, b, "gelu")
-    floor = testing.linear_bounds(x, w, b, "gelu")
-    pre_t = F.linear(x, w, b)
-    assert_close(pre, pre_t, ref["pre"], 2, "pre-activation", floor=floor["pre"])
-    assert_close(out, F.gelu(pre_t), ref["out"], 2, "output", floor=floor["out"])
+    check_forward_parts(x, w, b, "gelu", out, pre)
     # dW and db reduce over the 37 tokens (ragged), dX over the 45 features.
     grad = torch.randn(37, 45, device=DEVICE)
     dx, dw, db = linear_ops.linear_backward(grad, x, w, pre, "gelu", True, True, True, split=split)
-    ref = testing.linear_reference(x, w, b, "gelu", grad, pre=pre)
-    floor = testing.linear_bounds(x, w, b, "gelu", grad, pre=pre)
-    g_t = grad * torch.func.grad(lambda p: F.gelu(p).sum())(pre)
-    assert_close(dx, g_t @ w, ref["dx"], 3, "dx", floor=floor["dx"])
-    assert_close(dw, g_t.t() @ x, ref["dw"], 3, "dw", floor=floor["dw"])
-    assert_close(db, g_t.sum(0), ref["db"], 3, "db", floor=floor["db"])
+    check_backward_parts(x, w, b, "gelu", grad, pre, dx, dw, db)
 
 
 @pytest.mark.parametrize("act", [None, "gelu"])
@@ -184,20 +197,11 @@ def test_few_tokens_swapped(act, split):
     x, w, b = _inputs((5, 96), 70, torch.float32, requires_grad=False)
     assert linear_ops.configs.swap_operands(5, 70) and linear_ops.configs.swap_operands(5, 96)
     out, pre = linear_ops.linear_forward(x, w, b, act, act is not None, split=split)
-    ref = testing.linear_reference(x, w, b, act)
-    floor = testing.linear_bounds(x, w, b, act)
-    pre_t = F.linear(x, w, b)
-    assert_close(out, reference.activation_fn(pre_t, act), ref["out"], 2, "output", floor=floor["out"])
-    if act is not None:
-        assert_close(pre, pre_t, ref["pre"], 2, "pre-activation", floor=floor["pre"])
+    assert (pre is None) == (act is None)
+    check_forward_parts(x, w, b, act, out, pre)
     grad = torch.randn(5, 70, device=DEVICE)
     dx, dw, db = linear_ops.linear_backward(grad, x, w, pre, act, True, True, True, split=split)
-    ref = testing.linear_reference(x, w, b, act, grad, pre=pre)
-    floor = testing.linear_bounds(x, w, b, act, grad, pre=pre)
-    g_t = grad if act is None else grad * torch.func.grad(lambda p: F.gelu(p).sum())(pre)
-    assert_close(dx, g_t @ w, ref["dx"], 3, "dx", floor=floor["dx"])
-    assert_close(dw, g_t.t() @ x, ref["dw"], 3, "dw", floor=floor["dw"])
-    assert_close(db, g_t.sum(0), ref["db"], 3, "db", floor=floor["db"])
+    check_backward_parts(x, w, b, act, grad, pre, dx, dw, db)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

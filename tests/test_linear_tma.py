@@ -13,14 +13,13 @@ import torch
 import torch.nn.functional as F
 
 import gradkernels
-from gradkernels import testing
 from gradkernels.aot import cases
 from gradkernels.aot.recorder import record_launches
 from gradkernels.aot.targets import DTYPES
 from gradkernels.kernels import linear_configs as configs
 from gradkernels.ops import linear as linear_ops
-from test_linear import _inputs, check_linear
-from utils import DEVICE, ON_GPU, assert_close
+from test_linear import _inputs, check_backward_parts, check_forward_parts, check_linear
+from utils import DEVICE, ON_GPU
 
 DTYPES16 = [torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
@@ -91,19 +90,10 @@ def test_tma_split_k(split, monkeypatch):
     recorder = _pin_tma(monkeypatch)
     x, w, b = _inputs((19, 200), 48, torch.float16, requires_grad=False)
     out, pre = linear_ops.linear_forward(x, w, b, "gelu", True, split=split)
-    ref = testing.linear_reference(x, w, b, "gelu")
-    floor = testing.linear_bounds(x, w, b, "gelu")
-    pre_t = F.linear(x, w, b)
-    assert_close(pre, pre_t, ref["pre"], 2, "pre-activation", floor=floor["pre"])
-    assert_close(out, F.gelu(pre_t), ref["out"], 2, "output", floor=floor["out"])
+    check_forward_parts(x, w, b, "gelu", out, pre)
     grad = torch.randn(19, 48, device=DEVICE, dtype=torch.float16)
     dx, dw, db = linear_ops.linear_backward(grad, x, w, pre, "gelu", True, True, True, split=split)
-    ref = testing.linear_reference(x, w, b, "gelu", grad, pre=pre)
-    floor = testing.linear_bounds(x, w, b, "gelu", grad, pre=pre)
-    g_t = grad * torch.func.grad(lambda p: F.gelu(p).sum())(pre)
-    assert_close(dx, g_t @ w, ref["dx"], 3, "dx", floor=floor["dx"])
-    assert_close(dw, g_t.t() @ x, ref["dw"], 3, "dw", floor=floor["dw"])
-    assert_close(db, g_t.sum(0), ref["db"], 3, "db", floor=floor["db"])
+    check_backward_parts(x, w, b, "gelu", grad, pre, dx, dw, db)
     if _ran_kernels(x):
         assert all(tma for _, tma, _, _ in recorder.launches[:3]) and len(recorder.launches) == 3
 
@@ -221,16 +211,8 @@ def test_persistent_tiles_walk_every_tile(split, monkeypatch):
             assert all(tma for _, tma, _, _ in recorder.launches)
             assert recorder.grids[0] == (5, 1)
     out, pre_out, dx, dw, db = runs[True]
-    ref = testing.linear_reference(x, w, b, "gelu")
-    floor = testing.linear_bounds(x, w, b, "gelu")
-    assert_close(pre_out, pre, ref["pre"], 2, "pre-activation", floor=floor["pre"])
-    assert_close(out, F.gelu(pre), ref["out"], 2, "output", floor=floor["out"])
-    ref = testing.linear_reference(x, w, b, "gelu", grad, pre=pre)
-    floor = testing.linear_bounds(x, w, b, "gelu", grad, pre=pre)
-    g_t = grad * torch.func.grad(lambda p: F.gelu(p).sum())(pre)
-    assert_close(dx, g_t @ w, ref["dx"], 3, "dx", floor=floor["dx"])
-    assert_close(dw, g_t.t() @ x, ref["dw"], 3, "dw", floor=floor["dw"])
-    assert_close(db, g_t.sum(0), ref["db"], 3, "db", floor=floor["db"])
+    check_forward_parts(x, w, b, "gelu", out, pre_out)
+    check_backward_parts(x, w, b, "gelu", grad, pre, dx, dw, db)
     if _ran_kernels(x):
         for a, c in zip(runs[True], runs[False]):
             assert torch.equal(a, c)
