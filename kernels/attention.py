@@ -12,13 +12,15 @@ Algorithm
 
     Backward (FlashAttention-2's split, Dao 2023):
     - ``attn_bwd_preprocess_kernel``: ``Delta = rowsum(dO * O)`` (= rowsum(P * dP)); for launches that may
-      run TMA tiles also the three row statistics (base-2 LSE, its residual, Delta) in a buffer padded to
-      the block, which the dK/dV kernel's TMA loop reads without masks.
+      run TMA tiles on sm_90+ also, in buffers padded to the block, what the dK/dV kernel's TMA loop reads
+      without masks: ``dO' = exp2(-lo) * dO`` (the LSE residual ``lo`` folded into dO, one more dO-sized
+      buffer) and two row statistics, minus the base-2 LSE and ``Delta' = rowsum(dO' * O)``.
     - ``attn_bwd_dkdv_kernel``: one program per (key block, batch * kv head). dK and dV of the block
       stay in registers while the program loops over the (query head of its GQA group, query block)
       pairs that can see the keys (one flat loop; the causal mask is applied in every iteration),
       recomputing ``P^T = exp2(K Q^T * scale*log2e - LSE*log2e)``: ``dV += P^T dO``,
-      ``dS^T = P^T * (V dO^T - Delta)``, ``dK += dS^T Q``.
+      ``dS^T = P^T * (V dO^T - Delta)``, ``dK += dS^T Q``. The TMA loop computes ``P' = exp2(lo) * P``
+      (no residual per element) against dO' and Delta', which carry ``exp2(-lo)`` instead.
     - ``attn_bwd_dq_kernel``: one program per (query block, batch * query head), looping over key
       blocks like the forward: ``dQ += (P * (dO V^T - Delta)) K``. The LSE residual ``lo`` of a query row
       is a factor ``exp2(-lo)`` of every P in that row, hence of its whole dQ row: the TMA loop computes P

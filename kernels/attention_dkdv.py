@@ -14,7 +14,7 @@ from .dropout import dropout_keep
 @triton.jit
 def attn_bwd_preprocess_kernel(
     # pointers
-    O, DO, DELTA, LSE, LSE_LO, STATS,
+    O, DO, DELTA, LSE, LSE_LO, STATS, DO_S,
     # sizes
     H, LQ, LQ_PAD,
     # strides
@@ -33,11 +33,20 @@ def attn_bwd_preprocess_kernel(
 
     Grid: (cdiv(LQ, BLOCK_M) * B * H,); with ``ROW_STATS``, (cdiv(LQ_PAD, BLOCK_M) * B * H,).
 
-    ``ROW_STATS``: also write ``STATS[b * H + h, 0:3, :LQ_PAD]`` (contiguous; ``LQ_PAD`` a multiple of every
-    dK/dV ``BLOCK_M`` and of this ``BLOCK_M``) = the base-2 LSE ``LSE * log2(e)``, its residual ``LSE_LO``
-    and Delta, as :func:`~.attention_common.load_row_stats` reads them (a -inf LSE, a row that saw no key,
-    and the padding rows past LQ as +inf; residual and Delta 0 there), so the dK/dV kernel's TMA loop
-    loads them without masks, remaps or scaling.
+    ``ROW_STATS``: also write what the dK/dV kernel's TMA loop reads, in place of dO, LSE, its residual
+    and Delta, so that loop has no residual to subtract and no masks or remaps:
+
+    - ``DO_S[b * H + h, :LQ_PAD, :HEAD_DV]`` (rows of ``DV_PAD`` = HEAD_DV rounded up to 8 elements):
+      ``dO' = exp2(-lo) * dO`` rounded to dO's dtype, ``lo`` the row's LSE residual. With
+      ``P = exp2(s - hi - lo) = exp2(-lo) * P'``: ``dV = sum_i P'_i dO'_i`` and
+      ``dS = P' * (dO' V^T - Delta')``, so the loop computes ``P' = exp2(fma(qk, scale, -hi))``.
+      ``lo`` is below 2^-12 unless |LSE| exceeds ~1000, and then dO' costs one rounding of dO
+      (P is rounded to the same dtype before its matmul anyway); otherwise dO' is dO bit for bit.
+    - ``STATS[b * H + h, 0:2, :LQ_PAD]`` (contiguous; ``LQ_PAD`` a multiple of every dK/dV ``BLOCK_M`` and
+      of this ``BLOCK_M``) = minus the base-2 LSE, ``-hi = -LSE * log2(e)`` (the FFMA's addend as it is;
+      Triton 3.6 negated each value in the loop), and ``Delta' = rowsum(dO' * O)`` (dO''s own Delta, so
+      dP' and Delta' cancel as dP and Delta do). A -inf LSE (a row that saw no key) and the padding rows
+      past LQ read ``hi = +inf`` (P' = 0) and Delta' = 0, dO' = 0.
     """
     ACC_DTYPE: tl.constexpr = tl.float64 if O.dtype.element_ty == tl.float64 else tl.float32
     num_m = tl.cdiv(LQ_PAD if ROW_STATS else LQ, BLOCK_M)
@@ -56,13 +65,16 @@ def attn_bwd_preprocess_kernel(
     tl.store(DELTA + b * stride_deb + h * stride_deh + (start_m + offs_m) * stride_dem, delta,
              mask=offs_m < LQ - start_m)
     if ROW_STATS:
+        DV_PAD: tl.constexpr = (HEAD_DV + 7) // 8 * 8
         row_hi, row_lo = load_lse2(LSE + b * stride_lb + h * stride_lh + start_m * stride_lm,
                                    LSE_LO + b * stride_lb + h * stride_lh + start_m * stride_lm,
                                    offs_m, LQ - start_m, stride_lm, ACC_DTYPE)
-        stats = STATS + pid_bh * 3 * LQ_PAD + start_m + offs_m
-        tl.store(stats, row_hi)
-        tl.store(stats + LQ_PAD, row_lo)
-        tl.store(stats + 2 * LQ_PAD, delta)
+        do_s = (do.to(ACC_DTYPE) * tl.math.exp2(-row_lo)[:, None]).to(DO_S.dtype.element_ty)
+        store_tile(DO_S + (pid_bh * LQ_PAD + start_m) * DV_PAD, do_s, offs_m, offs_dv, DV_PAD, 1, BLOCK_M,
+                   HEAD_DV)
+        stats = STATS + pid_bh * 2 * LQ_PAD + start_m + offs_m
+        tl.store(stats, -row_hi)
+        tl.store(stats + LQ_PAD, tl.sum(o.to(ACC_DTYPE) * do_s.to(ACC_DTYPE), axis=1))
 
 
 @triton.jit
@@ -208,23 +220,26 @@ def _attn_bwd_dkdv_tma(
 ):
     """The TMA tiles' dK/dV loop over ``GROUP * n_blocks`` (query head of the group, query block) pairs from
     query row ``lo``. ``MASKED``: the blocks on the causal diagonal; unmasked: blocks whose every row sees
-    every key of the block. The row statistics come from the preprocess's padded buffer (``STATS_b``: the
-    group's first head, three rows of ``LQ_PAD`` per head), pre-scaled and remapped: three unmasked
-    vector loads per iteration; rows past LQ read LSE = +inf (P = 0). Keys past LK need no mask here: each
+    every key of the block. ``do_desc`` reads the preprocess's dO' (the LSE residual folded in), the row
+    statistics come from its padded buffer (``STATS_b``: the group's first head, two rows of ``LQ_PAD`` per
+    head: minus the base-2 LSE, and Delta'): two unmasked vector loads per iteration, no residual to subtract; rows
+    past LQ read LSE = +inf (P = 0). Keys past LK need no mask here: each
     key row of dK/dV only sums its own P^T row, and those rows are never stored."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    for it in range(0, GROUP * n_blocks):
-        g = it // n_blocks
-        start_m = lo + (it - g * n_blocks) * BLOCK_M
-        q = q_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_D)
-        do = do_desc.load([g, start_m.to(tl.int32), 0]).reshape(BLOCK_M, BLOCK_DV)
-        stats = STATS_b + (g * 3 * LQ_PAD + start_m.to(tl.int32)) + offs_m
-        row_hi = tl.load(stats)
-        row_lo = tl.load(stats + LQ_PAD)
-        delta = tl.load(stats + 2 * LQ_PAD)
+    # (head of the group, query block) carried from iteration to iteration: no division per iteration.
+    g = n_blocks * 0
+    start_m = lo.to(tl.int32)
+    end_m = start_m + n_blocks * BLOCK_M
+    for _ in range(0, GROUP * n_blocks):
+        q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+        # Offsets are multiples of BLOCK_M (LQ_PAD of ROW_STATS_ALIGN): said so, Triton 3.6 vectorises the loads.
+        stats = STATS_b + tl.multiple_of(g * 2 * LQ_PAD + start_m, BLOCK_M) + offs_m
+        neg_hi = tl.load(stats)
+        delta = tl.load(stats + LQ_PAD)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -row_hi[None, :]) - row_lo[None, :])
+        p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, neg_hi[None, :]))
         if MASKED:
             # Key start_n + c is visible to query start_m + r iff r >= c - shift: one compare per element
             # against a per-key bound (no hoisted index tile).
@@ -236,6 +251,10 @@ def _attn_bwd_dkdv_tma(
             dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             ds_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        start_m += BLOCK_M
+        wrap = start_m >= end_m
+        g += wrap.to(tl.int32)
+        start_m = tl.where(wrap, lo.to(tl.int32), start_m)
     return dk, dv
 
 
@@ -243,7 +262,7 @@ def _attn_bwd_dkdv_tma(
 def attn_bwd_dkdv_kernel(
     # pointers
     Q, K, V, DO, LSE, LSE_LO, DELTA, DK, DV,
-    STATS,  # the preprocess's padded row statistics (TMA_OK launches; None otherwise)
+    STATS, DO_S,  # the preprocess's padded row statistics and dO' (TMA_OK launches on sm_90+; else None)
     # scalars
     SM_SCALE: "fp64",
     # sizes
@@ -326,8 +345,10 @@ def attn_bwd_dkdv_kernel(
             v_desc = plane_descriptor(V + b * stride_vb + kvh * stride_vh, LK, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV)
             q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h0 * stride_qh, shape=[GROUP, LQ, HEAD_D],
                                                strides=[stride_qh, stride_qm, 1], block_shape=[1, BLOCK_M, BLOCK_D])
-            do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h0 * stride_doh, shape=[GROUP, LQ, HEAD_DV],
-                                                strides=[stride_doh, stride_dom, 1],
+            # dO' = exp2(-lo) * dO from the preprocess ((B * H, LQ_PAD, DV_PAD), contiguous).
+            DV_PAD: tl.constexpr = (HEAD_DV + 7) // 8 * 8
+            do_desc = tl.make_tensor_descriptor(DO_S + pid_bh * GROUP * LQ_PAD * DV_PAD, shape=[GROUP, LQ, HEAD_DV],
+                                                strides=[LQ_PAD * DV_PAD, DV_PAD, 1],
                                                 block_shape=[1, BLOCK_M, BLOCK_DV])
             k = k_desc.load([start_n.to(tl.int32), 0])
             v = v_desc.load([start_n.to(tl.int32), 0])
@@ -359,7 +380,7 @@ def attn_bwd_dkdv_kernel(
             if IS_CAUSAL:
                 first_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_OFFSET, 0), BLOCK_M) * BLOCK_M
                 n_diag = tl.minimum(tl.maximum(first_full - lo, 0) // BLOCK_M, n_blocks).to(tl.int32)
-            STATS_b = STATS + pid_bh * GROUP * 3 * LQ_PAD  # (b * HKV + kvh) * GROUP = b * H + h0
+            STATS_b = STATS + pid_bh * GROUP * 2 * LQ_PAD  # (b * HKV + kvh) * GROUP = b * H + h0
             dk, dv = _attn_bwd_dkdv_tma(
                 dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo, n_diag, GROUP, CAUSAL_OFFSET, qk_scale,
                 True, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE,

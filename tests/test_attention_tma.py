@@ -162,7 +162,8 @@ def test_prune_offers_tma_tiles_only_where_they_may_run(kernel):
 @pytest.mark.parametrize("causal", [False, True])
 def test_tma_backward_applies_the_lse_residual(causal, monkeypatch):
     """The TMA dQ loop leaves each row's LSE residual out of P and scales the dQ row by ``exp2(-lo)`` once;
-    the dK/dV loop subtracts it per element. Handed an LSE rounded 0.25 off with the residual that puts it
+    the dK/dV loop leaves it out too and reads the preprocess's ``dO' = exp2(-lo) dO`` and ``Delta'``
+    instead (checked by mutation: dropping the factor from dO', or taking Delta' from dO, fails). Handed an LSE rounded 0.25 off with the residual that puts it
     back (``split_lse``'s contract: ``exact = (fl(lse * log2 e) + lo) * ln 2``), the TMA backward must give
     the gradients of the exact LSE; a kernel that dropped or misapplied the residual would be off by a
     factor e^0.25 in P."""

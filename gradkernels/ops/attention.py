@@ -405,19 +405,22 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
 
     pre_b, pre_rows, o_strides, do_strides, de_strides, l_strides = pre
     tma_ok = _tma_ok(launch, q, k, v, grad_out)
-    # TMA dK/dV tiles read the row statistics from a padded buffer the preprocess writes, with int32
-    # offsets within a kv head's group of query heads (beyond that, no TMA tile for dK/dV or dQ). Only
-    # where a TMA tile can run (the prune offers them on sm_90+ only).
+    # TMA dK/dV tiles read the row statistics and dO' (dO with the LSE residual folded in) from padded
+    # buffers the preprocess writes, with int32 offsets within a kv head's group of query heads (beyond
+    # that, no TMA tile for dK/dV or dQ). Only where a TMA tile can run (the prune offers them on sm_90+
+    # only). dO' is one more dO-sized buffer, alive for the dK/dV launch.
     lq_pad = triton.cdiv(lq, configs.ROW_STATS_ALIGN) * configs.ROW_STATS_ALIGN
-    tma_ok = tma_ok and (h // hkv) * 3 * lq_pad < 2**31
-    stats = None
+    dv_pad = triton.cdiv(dvdim, 8) * 8
+    tma_ok = tma_ok and (h // hkv) * 2 * lq_pad < 2**31
+    stats = do_s = None
     if tma_ok and need_kv and configs.tma_supported(_device.device_arch(q.device)):
-        stats = torch.empty((b * h * 3 * lq_pad,), device=q.device, dtype=delta.dtype)
+        stats = torch.empty((b * h * 2 * lq_pad,), device=q.device, dtype=delta.dtype)
+        do_s = torch.empty((b * h * lq_pad * dv_pad,), device=q.device, dtype=grad_out.dtype)
     delta_tile = (configs.preprocess_config(dvdim, q.element_size()) if _device.use_autotune()
                   else configs.INTERPRETER_PREPROCESS_CONFIG)
     pre_blocks = triton.cdiv(lq_pad if stats is not None else pre_rows, delta_tile["BLOCK_M"])
     kernels.attn_bwd_preprocess_kernel[(pre_blocks * pre_b * h,)](
-        out, grad_out, delta, lse, lse_lo, stats, h, pre_rows, lq_pad, *o_strides, *do_strides, *de_strides,
+        out, grad_out, delta, lse, lse_lo, stats, do_s, h, pre_rows, lq_pad, *o_strides, *do_strides, *de_strides,
         *l_strides, HEAD_DV=dvdim, BLOCK_DV=configs.head_block(dvdim), ROW_STATS=stats is not None,
         num_warps=configs.PREPROCESS_WARPS, **delta_tile,
     )
@@ -433,7 +436,7 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
         # A skipped gradient's pointer is never read (COMPUTE_DK/DV = False): pass the other buffer.
         dk_buf = dk if dk is not None else dv
         dv_buf = dv if dv is not None else dk
-        args = (q, k, v, grad_out, lse, lse_lo, delta, dk_buf, dv_buf, stats, *common, hkv, h // hkv, *sizes_tail,
+        args = (q, k, v, grad_out, lse, lse_lo, delta, dk_buf, dv_buf, stats, do_s, *common, hkv, h // hkv, *sizes_tail,
                 int(tma_ok), lq_pad, *in_strides, *kernel_strides(dk_buf), *kernel_strides(dv_buf), *launch.args)
 
         def grid_kv(meta):
