@@ -182,3 +182,43 @@ def test_tma_backward_applies_the_lse_residual(causal, monkeypatch):
     check_attention((out, lse, dq, dk, dv), _oracles(q, k, v, grad_out, causal, scale), torch.float32)
     if gradkernels.backend_for(q) != "torch" and not ON_GPU:
         assert recorder.launches == [(name, 1, True) for name in KERNELS[1:]]
+
+
+def test_preprocess_writes_what_the_dkdv_tma_loop_reads():
+    """The Delta preprocess's ``ROW_STATS`` outputs, against torch: ``dO' = exp2(-lo) * dO`` rounded to dO's
+    dtype (dO bit for bit where the residual is too small to move it), ``-hi`` (``hi = LSE * log2 e``;
+    -inf for a row that saw no key and for the padding rows) and ``Delta' = rowsum(dO' * O)`` (0 in the
+    padding), laid out as ``(B * H, LQ_PAD, Dv rounded up to 8)`` and ``(B * H, 2, LQ_PAD)``; Delta itself
+    stays ``rowsum(dO * O)`` for the dQ kernel."""
+    b, h, lq, dv = 2, 3, 45, 36
+    lq_pad, dv_pad = configs.ROW_STATS_ALIGN, 40
+    gen = torch.Generator().manual_seed(7)
+    o = torch.randn(b, h, lq, dv, generator=gen).to(DEVICE, torch.float16)
+    do = torch.randn(b, h, lq, dv, generator=gen).to(DEVICE, torch.float16)
+    lse = (torch.randn(b, h, lq, generator=gen) * 3).to(DEVICE)
+    lo = torch.zeros(b, h, lq, device=DEVICE)
+    lo[:, :, ::2] = (torch.rand(b, h, (lq + 1) // 2, generator=gen).to(DEVICE) - 0.5) * 2**-5  # large logits
+    lo[:, :, 1::4] = 2**-20  # a residual too small to change any fp16 dO
+    lse[0, 1, 5], lo[0, 1, 5] = float("-inf"), 0.0  # a row that saw no key
+    delta = torch.empty(b, h, lq, device=DEVICE)
+    stats = torch.full((b * h * 2 * lq_pad,), float("nan"), device=DEVICE)
+    do_s = torch.full((b * h * lq_pad * dv_pad,), float("nan"), device=DEVICE, dtype=torch.float16)
+    block_m = configs.INTERPRETER_PREPROCESS_CONFIG["BLOCK_M"]
+    attention_ops.kernels.attn_bwd_preprocess_kernel[(lq_pad // block_m * b * h,)](
+        o, do, delta, lse, lo, stats, do_s, h, lq, lq_pad, *o.stride(), *do.stride(), *delta.stride(), *lse.stride(),
+        HEAD_DV=dv, BLOCK_DV=configs.head_block(dv), ROW_STATS=True, BLOCK_M=block_m, num_warps=4,
+    )
+    do_s = do_s.view(b, h, lq_pad, dv_pad)
+    stats = stats.view(b, h, 2, lq_pad)
+    want_do_s = (do.float() * torch.exp2(-lo)[..., None]).half()
+    torch.testing.assert_close(do_s[:, :, :lq, :dv], want_do_s, rtol=2**-10, atol=0)
+    assert torch.equal(do_s[:, :, 1:lq:4, :dv], do[:, :, 1::4])
+    assert (do_s[:, :, :lq:2, :dv] != do[:, :, ::2]).any()  # the residual did scale dO
+    assert torch.equal(do_s[:, :, lq:, :dv], torch.zeros_like(do_s[:, :, lq:, :dv]))
+    want_hi = torch.where(lse == float("-inf"), float("inf"), lse * attention_ops._LOG2E)
+    torch.testing.assert_close(stats[:, :, 0, :lq], -want_hi, rtol=1e-6, atol=0)
+    assert stats[0, 1, 0, 5] == float("-inf") and (stats[:, :, 0, lq:] == float("-inf")).all()
+    torch.testing.assert_close(stats[:, :, 1, :lq], (do_s[:, :, :lq, :dv].float() * o.float()).sum(-1),
+                               rtol=1e-5, atol=1e-5)
+    assert (stats[:, :, 1, lq:] == 0).all()
+    torch.testing.assert_close(delta, (do.float() * o.float()).sum(-1), rtol=1e-5, atol=1e-5)
