@@ -219,8 +219,8 @@ def _attn_bwd_dkdv_tma(
     ACC_DTYPE: tl.constexpr,
 ):
     """The TMA tiles' dK/dV loop over ``GROUP * n_blocks`` (query head of the group, query block) pairs from
-    query row ``lo``. ``MASKED``: the blocks on the causal diagonal; unmasked: blocks whose every row sees
-    every key of the block. ``do_desc`` reads the preprocess's dO' (the LSE residual folded in), the row
+    query row ``lo`` (``BLOCK_M`` rows each). ``MASKED``: the blocks on the causal diagonal; unmasked: blocks
+    whose every row sees every key of the block. ``do_desc`` reads the preprocess's dO' (the LSE residual folded in), the row
     statistics come from its padded buffer (``STATS_b``: the group's first head, two rows of ``LQ_PAD`` per
     head: minus the base-2 LSE, and Delta'): two unmasked vector loads per iteration, no residual to subtract; rows
     past LQ read LSE = +inf (P = 0). Keys past LK need no mask here: each
@@ -231,30 +231,36 @@ def _attn_bwd_dkdv_tma(
     g = n_blocks * 0
     start_m = lo.to(tl.int32)
     end_m = start_m + n_blocks * BLOCK_M
-    for _ in range(0, GROUP * n_blocks):
-        q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-        do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
-        # Offsets are multiples of BLOCK_M (LQ_PAD of ROW_STATS_ALIGN): said so, Triton 3.6 vectorises the loads.
-        stats = STATS_b + tl.multiple_of(g * 2 * LQ_PAD + start_m, BLOCK_M) + offs_m
-        neg_hi = tl.load(stats)
-        delta = tl.load(stats + LQ_PAD)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, neg_hi[None, :]))
-        if MASKED:
-            # Key start_n + c is visible to query start_m + r iff r >= c - shift: one compare per element
-            # against a per-key bound (no hoisted index tile).
-            shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
-            p_t = tl.where(offs_m[None, :] >= (offs_n - shift)[:, None], p_t, 0.0)
-        if COMPUTE_DV:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if COMPUTE_DK:
-            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        start_m += BLOCK_M
-        wrap = start_m >= end_m
-        g += wrap.to(tl.int32)
-        start_m = tl.where(wrap, lo.to(tl.int32), start_m)
+    if n_blocks > 0:
+        # Said so, the loop runs at least once: without it, the path that skips a zero-trip loop hands
+        # dK/dV's zeros (movs) to the loop's final wgmma wait, and ptxas serialises every wgmma of the loop
+        # (C7515; 40-48 WARPGROUP per iteration instead of 6, seen on the non-causal launches).
+        tl.assume(n_blocks > 0)
+        tl.assume(GROUP > 0)
+        for _ in range(0, GROUP * n_blocks):
+            q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+            # Offsets are multiples of BLOCK_M (LQ_PAD of ROW_STATS_ALIGN): said so, Triton 3.6 vectorises the loads.
+            stats = STATS_b + tl.multiple_of(g * 2 * LQ_PAD + start_m, BLOCK_M) + offs_m
+            neg_hi = tl.load(stats)
+            delta = tl.load(stats + LQ_PAD)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, neg_hi[None, :]))
+            if MASKED:
+                # Key start_n + c is visible to query start_m + r iff r >= c - shift: one compare per element
+                # against a per-key bound (no hoisted index tile).
+                shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+                p_t = tl.where(offs_m[None, :] >= (offs_n - shift)[:, None], p_t, 0.0)
+            if COMPUTE_DV:
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if COMPUTE_DK:
+                dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            start_m += BLOCK_M
+            wrap = start_m >= end_m
+            g += wrap.to(tl.int32)
+            start_m = tl.where(wrap, lo.to(tl.int32), start_m)
     return dk, dv
 
 
@@ -375,18 +381,31 @@ def attn_bwd_dkdv_kernel(
             lo = start_n * 0
         n_blocks = tl.cdiv(LQ - lo, BLOCK_M).to(tl.int32)
         if TMA:
-            # Diagonal blocks (masked) first, then the bulk whose rows see every key of the block.
-            n_diag = n_blocks * 0
-            if IS_CAUSAL:
-                first_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_OFFSET, 0), BLOCK_M) * BLOCK_M
-                n_diag = tl.minimum(tl.maximum(first_full - lo, 0) // BLOCK_M, n_blocks).to(tl.int32)
             STATS_b = STATS + pid_bh * GROUP * 2 * LQ_PAD  # (b * HKV + kvh) * GROUP = b * H + h0
+            n_bulk = n_blocks
+            lo_bulk = lo
+            if IS_CAUSAL:
+                # The diagonal blocks (masked) first, in blocks of half the height (half the work masked
+                # away above the diagonal, and a loop that takes fewer registers beside the bulk one), then
+                # the bulk, whose rows see every key of the block, from the first multiple of BLOCK_M past it.
+                BM_D: tl.constexpr = BLOCK_M // 2 if BLOCK_M >= 32 else BLOCK_M
+                qd_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h0 * stride_qh, shape=[GROUP, LQ, HEAD_D],
+                                                    strides=[stride_qh, stride_qm, 1], block_shape=[1, BM_D, BLOCK_D])
+                dod_desc = tl.make_tensor_descriptor(DO_S + pid_bh * GROUP * LQ_PAD * DV_PAD,
+                                                     shape=[GROUP, LQ, HEAD_DV], strides=[LQ_PAD * DV_PAD, DV_PAD, 1],
+                                                     block_shape=[1, BM_D, BLOCK_DV])
+                lo_d = tl.minimum(tl.maximum(start_n - CAUSAL_OFFSET, 0) // BM_D * BM_D, LQ)
+                first_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_OFFSET, 0), BLOCK_M) * BLOCK_M
+                lo_bulk = tl.minimum(tl.maximum(first_full, lo), LQ)
+                n_diag = tl.cdiv(lo_bulk - lo_d, BM_D).to(tl.int32)
+                n_bulk = tl.cdiv(LQ - lo_bulk, BLOCK_M).to(tl.int32)
+                dk, dv = _attn_bwd_dkdv_tma(
+                    dk, dv, k, v, qd_desc, dod_desc, STATS_b, LQ_PAD, start_n, lo_d, n_diag, GROUP, CAUSAL_OFFSET,
+                    qk_scale, True, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BM_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+                    ACC_DTYPE,
+                )
             dk, dv = _attn_bwd_dkdv_tma(
-                dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo, n_diag, GROUP, CAUSAL_OFFSET, qk_scale,
-                True, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE,
-            )
-            dk, dv = _attn_bwd_dkdv_tma(
-                dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo + n_diag * BLOCK_M, n_blocks - n_diag,
+                dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo_bulk, n_bulk,
                 GROUP, CAUSAL_OFFSET, qk_scale,
                 False, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE,
             )
