@@ -221,26 +221,29 @@ def _linear_tile(pid, pid_s, A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM, a_desc,
         e0 = ((tl.zeros((BLOCK_K, 16), tl.int32) + tl.arange(0, 16)[None, :]) == 0).to(A.dtype.element_ty)
     else:
         row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    for step in range(0, tl.cdiv(k_len, BLOCK_K)):
-        k_left = k_len - step * BLOCK_K
-        k = tl.cast(k_lo + step * BLOCK_K, tl.int64)
-        if TMA:
-            a = _load_box(a_desc, pid_m * BLOCK_M, k_lo + step * BLOCK_K, A_T)
-        else:
-            a = _load_k_step(a_ptrs + k * stride_ak, offs_k, k_left, 1, EVEN_K)
-        if PROLOGUE_ACT is not None:
-            pre = _load_k_step(p_ptrs + k * stride_pik, offs_k, k_left, 1, EVEN_K)
-            # Rounded back to the operand dtype, as the unfused path's elementwise kernel would store it.
-            a = (a.to(ACC_DTYPE) * activation_grad(pre.to(ACC_DTYPE), PROLOGUE_ACT)).to(A.dtype.element_ty)
-        if ROW_SUM_MMA:
-            row_sum = tl.dot(a, e0, row_sum, out_dtype=ACC_DTYPE)
-        elif ROW_SUM:
-            row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
-        if TMA:
-            b = _load_box(b_desc, k_lo + step * BLOCK_K, pid_n * BLOCK_N, B_T)
-        else:
-            b = _load_k_step(b_ptrs + k * stride_bk, offs_k, k_left, 0, EVEN_K)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    n_k = tl.cdiv(k_len, BLOCK_K)
+    if n_k > 0:
+        tl.assume(n_k > 0)
+        for step in range(0, n_k):
+            k_left = k_len - step * BLOCK_K
+            k = tl.cast(k_lo + step * BLOCK_K, tl.int64)
+            if TMA:
+                a = _load_box(a_desc, pid_m * BLOCK_M, k_lo + step * BLOCK_K, A_T)
+            else:
+                a = _load_k_step(a_ptrs + k * stride_ak, offs_k, k_left, 1, EVEN_K)
+            if PROLOGUE_ACT is not None:
+                pre = _load_k_step(p_ptrs + k * stride_pik, offs_k, k_left, 1, EVEN_K)
+                # Rounded back to the operand dtype, as the unfused path's elementwise kernel would store it.
+                a = (a.to(ACC_DTYPE) * activation_grad(pre.to(ACC_DTYPE), PROLOGUE_ACT)).to(A.dtype.element_ty)
+            if ROW_SUM_MMA:
+                row_sum = tl.dot(a, e0, row_sum, out_dtype=ACC_DTYPE)
+            elif ROW_SUM:
+                row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
+            if TMA:
+                b = _load_box(b_desc, k_lo + step * BLOCK_K, pid_n * BLOCK_N, B_T)
+            else:
+                b = _load_k_step(b_ptrs + k * stride_bk, offs_k, k_left, 0, EVEN_K)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     if ROW_SUM_MMA:
         row_sum = tl.sum(row_sum, axis=1)  # column 0 plus zeros: exact
