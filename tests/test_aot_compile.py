@@ -79,6 +79,49 @@ def test_judge_names_each_failure():
     assert "regs 255" in check.judge(_fake_row(90, regs))[0]
     err = {"error": "CompilationError: boom", "seconds": 0.1}
     assert check.judge(_fake_row(90, err))[0].startswith("compile:")
+    serial = base | {"wgmma_serialized": "ptxas info    : (C7515) Potential Performance Loss: ..."}
+    assert check.judge(_fake_row(90, serial)) == ["wgmma serialised (ptxas C7515)"]
+    assert check.judge(_fake_row(90, base | {"wgmma_serialized": None})) == []
+
+
+C7515 = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+         "non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline "
+         "stage in the function 'k'")
+
+
+@pytest.mark.parametrize("note", [C7515, None])
+def test_wgmma_serialized_reads_ptxas_note(note, tmp_path, monkeypatch):
+    """The PTX goes to the ptxas Triton uses for the target, with -v and sm_90a; its C7515 line comes back
+    (ptxas writes it to stderr, which Triton logs and deletes). A stand-in ptxas records its arguments."""
+    log, out = tmp_path / "args", tmp_path / "stdout"
+    out.write_text(f"{note}\n" if note else "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n")
+    fake = tmp_path / "ptxas"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {log}\ncat {out} >&2\n'
+                    "echo 'ptxas info    : Used 155 registers, used 1 barriers' >&2\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(compiler, "ptxas_for", lambda arch: str(fake))
+    assert compiler.wgmma_serialized(".version 8.0", 90) == note
+    args = log.read_text().split()
+    assert "-v" in args and "--gpu-name=sm_90a" in args and args[-3].endswith(".ptx")
+
+
+def test_wgmma_serialized_on_real_ptx():
+    """A real case, with the real ptxas: the linear kernel's PTX from before its K loop was guarded against
+    zero trips (main at 755332e; 128x256x64, 8 warps, 3 stages, TMA; fp16 4096^3; Triton 3.6 for sm_90a).
+    ptxas 12.8 and ptxas-blackwell 13.4 both serialise its wgmma (C7515)."""
+    import gzip
+
+    ptx = gzip.decompress((ROOT / "tests" / "data" / "ptx" / "linear_kloop_serialized_sm90a.ptx.gz").read_bytes())
+    note = compiler.wgmma_serialized(ptx.decode(), 90)
+    assert note is not None and "C7515" in note, note
+
+
+def test_ptxas_for_is_the_one_triton_assembles_with():
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    for arch in (80, 90):
+        assert compiler.ptxas_for(arch) == get_ptxas(arch).path
+        assert os.path.exists(compiler.ptxas_for(arch))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -167,8 +167,8 @@ def _main_launch_rows():
     attention forward on sm_80: the configs a GPU autotuner most likely picks (the picked flag needs every
     kept config compiled; rank 0 is the largest of prune()'s order)."""
     specs = [("attn_fwd", "perf-attn-d128-causal-fwd", 90), ("attn_dkdv", "perf-attn-d128-causal-bwd", 90),
-             ("attn_dq", "perf-attn-d128-causal-bwd", 90), ("linear_fwd", "perf-linear-4096-fwd", 90),
-             ("attn_fwd", "perf-attn-d128-causal-fwd", 80)]
+             ("attn_dkdv", "perf-attn-d128-full-bwd", 90), ("attn_dq", "perf-attn-d128-causal-bwd", 90),
+             ("linear_fwd", "perf-linear-4096-fwd", 90), ("attn_fwd", "perf-attn-d128-causal-fwd", 80)]
     out = []
     for kernel, case, arch in specs:
         rows = sorted(_rows(kernel, case, "fp16", arch), key=lambda r: perf._area(r.config), reverse=True)
@@ -187,7 +187,7 @@ def test_rows_carry_the_named_fields(main_rows):
     for rec in main_rows:
         for field in ("kernel", "arch", "triton", "dtype", "config", "picked", "regs", "spill_bytes", "smem_bytes",
                       "mma_shapes", "loop_instructions", "elements_per_thread", "instructions_per_element", "tma",
-                      "warp_specialized", "mufu_ex2", "loop_barriers", "model", "programs"):
+                      "warp_specialized", "wgmma_serialized", "mufu_ex2", "loop_barriers", "model", "programs"):
             assert field in rec, (field, rec["kernel"])
         assert rec["error"] if "error" in rec else rec["regs"] > 0
         assert rec["loop_instructions"] > 0 and rec["mma_shapes"], rec
@@ -196,7 +196,8 @@ def test_rows_carry_the_named_fields(main_rows):
             rec["loop_instructions"] / rec["elements_per_thread"], rel=1e-3, abs=5e-5)
         bm, bn, w = rec["block_m"], rec["block_n"], rec["num_warps"]
         if rec["kernel"].startswith("attn"):
-            assert rec["elements_per_thread"] == bm * bn / (32 * w) and rec["head_dim"] == 128 and rec["causal"]
+            assert rec["elements_per_thread"] == bm * bn / (32 * w) and rec["head_dim"] == 128
+            assert rec["causal"] == ("causal" in rec["case"])
             # The main loop does the loop's two matmuls of a score tile (QK^T and PV, or three in dQ ...):
             # its tensor-core FLOPs per warp are a whole multiple of one score tile's 2 * D FLOPs per element.
             per_tile = 2 * bm * bn * 128 / w
@@ -209,6 +210,11 @@ def test_rows_carry_the_named_fields(main_rows):
         op_shape = rec["mma_shapes"][0]
         assert op_shape.startswith("m64") if rec["arch"] == 90 else op_shape == "m16n8k16", rec["mma_shapes"]
         assert 0 < rec["model"]["bound"] <= 1
+        # ptxas did not serialise the wgmma (the non-causal dK/dV loop was, before its zero-trip guard:
+        # 40 WARPGROUP per iteration instead of 6; the linear loop under Triton 3.6 too).
+        assert rec["wgmma_serialized"] is False, rec["kernel"]
+        if rec["arch"] == 90:
+            assert rec["loop_ops"].get("WARPGROUP", 0) < rec["loop_ops"]["HGMMA"], rec["loop_ops"]
 
 
 @pytest.mark.parametrize("lq", [1, 16])
@@ -253,12 +259,17 @@ def test_main_launches_do_not_regress_against_the_committed_report(main_rows):
 
 def test_regressions_flags_each_field():
     base = {"arch": 90, "kernel": "attn_fwd", "case": "c", "dtype": "fp16", "config": "128x64 w8 s3",
-            "instructions_per_element": 10.0, "regs": 200, "spill_bytes": 0}
+            "instructions_per_element": 10.0, "regs": 200, "spill_bytes": 0, "wgmma_serialized": False}
     same = dict(base)
     assert perf.regressions([same], [base]) == ([], 1)
     assert perf.regressions([dict(base, instructions_per_element=9.5, regs=190)], [base]) == ([], 1)
-    worse, _ = perf.regressions([dict(base, instructions_per_element=10.5, regs=201, spill_bytes=8)], [base])
-    assert len(worse) == 3 and "instructions_per_element 10.0 -> 10.5" in worse[0]
+    worse, _ = perf.regressions([dict(base, instructions_per_element=10.5, regs=201, spill_bytes=8,
+                                      wgmma_serialized=True)], [base])
+    assert len(worse) == 4 and "instructions_per_element 10.0 -> 10.5" in worse[0]
+    assert "wgmma_serialized False -> True" in worse[3]
+    # A report written before the field existed compares the other fields only.
+    old = {k: v for k, v in base.items() if k != "wgmma_serialized"}
+    assert perf.regressions([dict(base, wgmma_serialized=True)], [old]) == ([], 1)
     assert perf.regressions([dict(base, config="other")], [base]) == ([], 0)
     failed, _ = perf.regressions([dict(base, error="CompilationError")], [base])
     assert failed and "compile fails" in failed[0]

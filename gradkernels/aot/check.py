@@ -5,7 +5,8 @@ may use on its architecture (``kernels/arch.py``), or when a matmul kernel with 
 has no tensor-core instruction there (no HGMMA on sm_90, no HMMA on sm_80/86/89). fp32 with
 ``input_precision="ieee"`` and fp64 legitimately use FFMA/DFMA (or DMMA) and are not held to that; tf32
 is: wgmma and mma.sync both take tf32 operands, and a tf32 matmul without them is a plain FFMA loop that
-gave up tf32's only advantage. Only rows the autotuner can pick (not pruned) make the report fail.
+gave up tf32's only advantage. A row with wgmma also fails when ptxas serialised them (its C7515 note).
+Only rows the autotuner can pick (not pruned) make the report fail.
 """
 
 from __future__ import annotations
@@ -176,6 +177,10 @@ def judge(row: Row) -> list[str]:
         fails.append(f"regs {res['regs']} x {threads} threads > {lim.regs_per_block}")
     if res.get("has_dot") and row.needs_tensor_cores and sass.get(lim.tensor_core_op, 0) == 0:
         fails.append(f"no {lim.tensor_core_op} (tensor cores unused)")
+    if res.get("wgmma_serialized"):
+        # Each wgmma waits for the one before: most of the tensor-core rate lost, with no other trace in the
+        # cubin than extra WARPGROUP barriers (see compiler.wgmma_serialized).
+        fails.append("wgmma serialised (ptxas C7515)")
     return fails
 
 

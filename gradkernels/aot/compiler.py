@@ -7,7 +7,10 @@ and reads the cubin with the ``cuobjdump`` that ships with Triton:
   the dynamic shared memory Triton requests at launch is ``metadata.shared``;
 - ``cuobjdump -sass``: counts of tensor-core instructions (HGMMA = sm_90 wgmma, HMMA = mma.sync, DMMA =
   fp64 mma), FMAs and local loads/stores (LDL/STL = spill traffic); the SASS text itself on request, for
-  reports that analyse the machine code further.
+  reports that analyse the machine code further;
+- for a kernel with wgmma (HGMMA), its PTX assembled again by the ptxas Triton used for the target, with
+  ``-v``, for one message Triton does not keep: C7515, "wgmma.mma_async instructions are serialized"
+  (ptxas then waits for each wgmma before the next: a silent loss of most of the tensor-core rate).
 
 Runs use a fresh, private Triton cache that is deleted afterwards, so no earlier compile can hide a
 failure, and workers start without ``TRITON_INTERPRET`` even when the caller (the test suite) runs
@@ -49,6 +52,9 @@ _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 SASS_OPS = ("HGMMA", "HMMA", "DMMA", "FFMA", "DFMA", "LDL", "STL")
 # How warp-specialised partitions appear in the TTGIR (Triton >= 3.4: the ttg.warp_specialize op).
 WARP_SPECIALIZED_IR = r"\bttg\.warp_specialize\b"
+# ptxas -v's note when it serialises a kernel's wgmma (on stderr, which Triton writes to a log it deletes
+# unless TRITON_DUMP_PTXAS_LOG is set).
+WGMMA_SERIALIZED = re.compile(r"\(C7515\)|wgmma\.mma_async instructions are serialized")
 
 
 def parse_res_usage(text: str) -> dict:
@@ -58,6 +64,28 @@ def parse_res_usage(text: str) -> dict:
         raise ValueError(f"no 'REG:.. STACK:.. SHARED:.. LOCAL:..' line in cuobjdump output:\n{text}")
     regs, stack, shared, local = map(int, m.groups())
     return {"regs": regs, "stack": stack, "static_shared": shared, "local": local}
+
+
+def ptxas_for(arch: int) -> str:
+    """The ptxas Triton assembles ``arch`` with (Triton 3.9: ptxas-blackwell from sm_90 on; 3.6: from sm_100)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
+def wgmma_serialized(ptx: str, arch: int) -> str | None:
+    """ptxas's C7515 note for this PTX (the line), or None: assembled again with ``-v`` by the ptxas Triton
+    uses for ``arch`` (``sm_90a`` and up)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas_for(arch), "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.o")],
+                              capture_output=True, text=True, check=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if WGMMA_SERIALIZED.search(line):
+            return line.strip()
+    return None
 
 
 def count_sass(text: str, ops: Sequence[str] = SASS_OPS) -> dict:
@@ -83,6 +111,7 @@ def compile_job(job: Job, keep_sass: bool = False, analyse: Callable[[str], dict
         ``regs``, ``stack``, ``static_shared``, ``local`` (from ``-res-usage``), ``shared`` (dynamic
         shared memory), ``num_warps``, ``sass`` (opcode counts, :data:`SASS_OPS`), ``has_dot`` (a
         ``tt.dot`` in the IR), ``warp_specialized`` (the TTGIR has warp-specialised partitions),
+        ``wgmma_serialized`` (ptxas's C7515 line, or None; see :func:`wgmma_serialized`),
         ``error`` (None or the message) and ``seconds``; ``sass_text`` and ``analysis`` on request.
     """
     t0 = time.perf_counter()
@@ -118,6 +147,8 @@ def compile_job(job: Job, keep_sass: bool = False, analyse: Callable[[str], dict
         # A matmul kernel (tensor cores expected for 16-bit/tf32), helpers it calls included.
         out["has_dot"] = bool(re.search(r"\btt\.dot\b", compiled.asm["ttir"]))
         out["warp_specialized"] = bool(re.search(WARP_SPECIALIZED_IR, compiled.asm.get("ttgir", "")))
+        out["wgmma_serialized"] = (wgmma_serialized(compiled.asm["ptx"], job.arch)
+                                   if job.arch >= 90 and out["sass"]["HGMMA"] else None)
         out["error"] = None
     except Exception as e:  # noqa: BLE001 - reported per job, the run goes on
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]

@@ -383,7 +383,7 @@ def row_record(r: PerfRow, triton_version: str) -> dict:
                ctas_per_sm=ctas_per_sm(res["regs"], smem, warps, r.arch),
                warp_specialized=bool(res.get("warp_specialized")) or bool(res["analysis"]["setmaxnreg"]),
                tma=res["analysis"]["tma"], cp_async=res["analysis"]["cp_async"],
-               mbarrier=res["analysis"]["mbarrier"])
+               mbarrier=res["analysis"]["mbarrier"], wgmma_serialized=res.get("wgmma_serialized") is not None)
     an = res["analysis"]
     loop = an["main"]
     if r.launch.kernel == "linear_kernel":
@@ -476,7 +476,7 @@ def write_json(data: dict, path: str) -> None:
 # Regression check against a committed report
 # ----------------------------------------------------------------------------------------------------
 
-REGRESSION_FIELDS = ("instructions_per_element", "regs", "spill_bytes")
+REGRESSION_FIELDS = ("instructions_per_element", "regs", "spill_bytes", "wgmma_serialized")
 MAIN_KERNELS = ("attn_fwd", "attn_dkdv", "attn_dq", "linear_fwd", "linear_dx", "linear_dw")
 
 
