@@ -222,8 +222,15 @@ def _linear_tile(pid, pid_s, A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM, a_desc,
     else:
         row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     n_k = tl.cdiv(k_len, BLOCK_K)
-    if n_k > 0:
-        tl.assume(n_k > 0)
+    # The K loop behind an explicit n_k > 0 where wgmma may run: without it, the path that skips a zero-trip
+    # loop hands the accumulator's zeros to the loop's final wgmma wait, and ptxas 12.8 (Triton 3.6, the
+    # H100 machines') serialises every wgmma of the loop (C7515). Not for fp64 (DMMA/FMA, no wgmma), where
+    # the branch only cost registers (8 bytes of stack for one sm_90 dW tile under 3.6).
+    WGMMA_OPERANDS: tl.constexpr = A.dtype.element_ty != tl.float64
+    go = n_k > 0 if WGMMA_OPERANDS else True
+    if go:
+        if WGMMA_OPERANDS:
+            tl.assume(n_k > 0)
         for step in range(0, n_k):
             k_left = k_len - step * BLOCK_K
             k = tl.cast(k_lo + step * BLOCK_K, tl.int64)

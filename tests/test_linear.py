@@ -242,10 +242,12 @@ def test_fuzz_shapes(m, k, n, act):
     check_linear(x, w, b, act)
 
 
-def test_empty_and_zero_k():
-    x, w, b = _inputs((0, 8), 5, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_and_zero_k(dtype):
+    # K = 0: the K loop runs no step (fp32: behind the kernel's n_k > 0 branch; fp64: without it).
+    x, w, b = _inputs((0, 8), 5, dtype)
     assert gradkernels.linear(x, w, b).shape == (0, 5)
-    x, w, b = _inputs((3, 0), 5, torch.float32)
+    x, w, b = _inputs((3, 0), 5, dtype)
     y = gradkernels.linear(x, w, b, "relu")
     torch.testing.assert_close(y, F.relu(b).expand(3, 5), rtol=0, atol=0)
 
