@@ -156,50 +156,55 @@ def _attn_bwd_dkdv_features(
     if IS_VARLEN:
         hi = tl.where(start_n < LK, hi, 0)  # a key block past its sequence's end: no work
     n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M).to(tl.int32)
-    for it in range(0, GROUP * n_blocks):
-        g = it // n_blocks
-        start_m = lo + (it - g * n_blocks) * BLOCK_M
-        rows = LQ - start_m
-        q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
-                      rows, HEAD_D)
-        do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
-                       rows, HEAD_DV)
-        row = g * stride_lh + start_m * stride_lm
-        row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row,
-                                                DELTA_b + g * stride_deh + start_m * stride_dem,
-                                                offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        rel = None
-        if HAS_ALIBI:
-            slope2 = tl.load(ALIBI + b * stride_ab + (h0 + g) * stride_ah).to(ACC_DTYPE) * LOG2E
-            rel = offs_n[:, None] - offs_m[None, :] + (start_n - start_m - DIAG).to(tl.int32)
-        s2, t = mod_scores(qk_t, rel, qk_scale, cap_scale, cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
-        p_t = tl.math.exp2((s2 - row_hi[None, :]) - row_lo[None, :])
-        if IS_CAUSAL or HAS_LEFT:
-            visible = offs_n[:, None] >= 0
-            if IS_CAUSAL:
-                shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
-                visible = visible & (offs_n[:, None] - offs_m[None, :] <= shift)
-            if HAS_LEFT:
-                visible = window_visible_tile(visible, offs_m[None, :], offs_n[:, None], start_m, start_n, LEFT_OFFSET,
-                                          BLOCK_M, BLOCK_N)
-            p_t = tl.where(visible, p_t, 0.0)
-        if HAS_DROPOUT:
-            keep_t = dropout_keep(seed, rng_offset, bh0 + g, (start_m + offs_m)[None, :], (start_n + offs_n)[:, None],
-                                  THRESHOLD)
-        if COMPUTE_DV:
-            pz_t = p_t
+    if n_blocks > 0:
+        # As in the TMA loop: said to run at least once, so ptxas does not serialise the wgmma (C7515 on
+        # sm_90 for 16x64/8 warps at D = 128 without it).
+        tl.assume(n_blocks > 0)
+        tl.assume(GROUP > 0)
+        for it in range(0, GROUP * n_blocks):
+            g = it // n_blocks
+            start_m = lo + (it - g * n_blocks) * BLOCK_M
+            rows = LQ - start_m
+            q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
+                          rows, HEAD_D)
+            do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
+                           rows, HEAD_DV)
+            row = g * stride_lh + start_m * stride_lm
+            row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row,
+                                                    DELTA_b + g * stride_deh + start_m * stride_dem,
+                                                    offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            rel = None
+            if HAS_ALIBI:
+                slope2 = tl.load(ALIBI + b * stride_ab + (h0 + g) * stride_ah).to(ACC_DTYPE) * LOG2E
+                rel = offs_n[:, None] - offs_m[None, :] + (start_n - start_m - DIAG).to(tl.int32)
+            s2, t = mod_scores(qk_t, rel, qk_scale, cap_scale, cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
+            p_t = tl.math.exp2((s2 - row_hi[None, :]) - row_lo[None, :])
+            if IS_CAUSAL or HAS_LEFT:
+                visible = offs_n[:, None] >= 0
+                if IS_CAUSAL:
+                    shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+                    visible = visible & (offs_n[:, None] - offs_m[None, :] <= shift)
+                if HAS_LEFT:
+                    visible = window_visible_tile(visible, offs_m[None, :], offs_n[:, None], start_m, start_n,
+                                                  LEFT_OFFSET, BLOCK_M, BLOCK_N)
+                p_t = tl.where(visible, p_t, 0.0)
             if HAS_DROPOUT:
-                pz_t = tl.where(keep_t, p_t, 0.0)
-            dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if COMPUTE_DK:
-            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if HAS_DROPOUT:
-                dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
-            ds_t = p_t * (dp_t - delta[None, :])
-            if HAS_SOFTCAP:
-                ds_t = ds_t * (1.0 - t * t)
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                keep_t = dropout_keep(seed, rng_offset, bh0 + g, (start_m + offs_m)[None, :],
+                                      (start_n + offs_n)[:, None], THRESHOLD)
+            if COMPUTE_DV:
+                pz_t = p_t
+                if HAS_DROPOUT:
+                    pz_t = tl.where(keep_t, p_t, 0.0)
+                dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if COMPUTE_DK:
+                dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if HAS_DROPOUT:
+                    dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+                ds_t = p_t * (dp_t - delta[None, :])
+                if HAS_SOFTCAP:
+                    ds_t = ds_t * (1.0 - t * t)
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     if COMPUTE_DK:
         store_tile(DK_blk, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd,
@@ -220,11 +225,11 @@ def _attn_bwd_dkdv_tma(
 ):
     """The TMA tiles' dK/dV loop over ``GROUP * n_blocks`` (query head of the group, query block) pairs from
     query row ``lo`` (``BLOCK_M`` rows each). ``MASKED``: the blocks on the causal diagonal; unmasked: blocks
-    whose every row sees every key of the block. ``do_desc`` reads the preprocess's dO' (the LSE residual folded in), the row
-    statistics come from its padded buffer (``STATS_b``: the group's first head, two rows of ``LQ_PAD`` per
-    head: minus the base-2 LSE, and Delta'): two unmasked vector loads per iteration, no residual to subtract; rows
-    past LQ read LSE = +inf (P = 0). Keys past LK need no mask here: each
-    key row of dK/dV only sums its own P^T row, and those rows are never stored."""
+    whose every row sees every key of the block. ``do_desc`` reads the preprocess's dO' (the LSE residual
+    folded in), the row statistics come from its padded buffer (``STATS_b``: the group's first head, two rows
+    of ``LQ_PAD`` per head: minus the base-2 LSE, and Delta'): two unmasked vector loads per iteration, no
+    residual to subtract; rows past LQ read LSE = +inf (P = 0). Keys past LK need no mask here: each key row
+    of dK/dV only sums its own P^T row, and those rows are never stored."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     # (head of the group, query block) carried from iteration to iteration: no division per iteration.

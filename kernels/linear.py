@@ -155,13 +155,13 @@ def linear_kernel(
                          M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                          stride_pim, stride_pik, stride_pom, stride_pon, stride_bias,
                          HAS_BIAS, BIAS_ALONG_M, PROLOGUE_ACT, EPILOGUE_ACT, STORE_PRE, ROW_SUM, SPLIT_K, EVEN_K,
-                         INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, A_T, B_T)
+                         INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, A_T, B_T, False)
     else:
         _linear_tile(tl.program_id(0), tl.program_id(1), A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM, a_desc, b_desc,
                      M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                      stride_pim, stride_pik, stride_pom, stride_pon, stride_bias,
                      HAS_BIAS, BIAS_ALONG_M, PROLOGUE_ACT, EPILOGUE_ACT, STORE_PRE, ROW_SUM, SPLIT_K, EVEN_K,
-                     INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, A_T, B_T)
+                     INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, A_T, B_T, True)
 
 
 @triton.jit
@@ -172,9 +172,11 @@ def _linear_tile(pid, pid_s, A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM, a_desc,
                  EPILOGUE_ACT: tl.constexpr, STORE_PRE: tl.constexpr, ROW_SUM: tl.constexpr, SPLIT_K: tl.constexpr,
                  EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr,
-                 B_T: tl.constexpr):
+                 B_T: tl.constexpr, GUARD_K_LOOP: tl.constexpr):
     """Output tile ``pid`` (in grouped order) of split ``pid_s``: ``linear_kernel``'s main loop and epilogue
-    (the kernel's arguments; ``a_desc`` / ``b_desc`` its TMA descriptors, None for pointer tiles)."""
+    (the kernel's arguments; ``a_desc`` / ``b_desc`` its TMA descriptors, None for pointer tiles).
+    ``GUARD_K_LOOP``: the K loop behind an explicit ``n_k > 0`` (see there; the ordinary grid, not the
+    persistent loop)."""
     ACC_DTYPE: tl.constexpr = tl.float64 if A.dtype.element_ty == tl.float64 else tl.float32
 
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -225,11 +227,13 @@ def _linear_tile(pid, pid_s, A, B, C, BIAS, PRE_IN, PRE_OUT, WS, ROWSUM, a_desc,
     # The K loop behind an explicit n_k > 0 where wgmma may run: without it, the path that skips a zero-trip
     # loop hands the accumulator's zeros to the loop's final wgmma wait, and ptxas 12.8 (Triton 3.6, the
     # H100 machines') serialises every wgmma of the loop (C7515). Not for fp64 (DMMA/FMA, no wgmma), where
-    # the branch only cost registers (8 bytes of stack for one sm_90 dW tile under 3.6).
-    WGMMA_OPERANDS: tl.constexpr = A.dtype.element_ty != tl.float64
-    go = n_k > 0 if WGMMA_OPERANDS else True
+    # the branch only cost registers (8 bytes of stack for one sm_90 dW tile under 3.6), nor in the
+    # persistent loop, which ptxas did not serialise and where the branch cost 80 bytes of stack (128x128x64
+    # with gelu, Triton 3.9).
+    GUARD: tl.constexpr = GUARD_K_LOOP and A.dtype.element_ty != tl.float64
+    go = n_k > 0 if GUARD else True
     if go:
-        if WGMMA_OPERANDS:
+        if GUARD:
             tl.assume(n_k > 0)
         for step in range(0, n_k):
             k_left = k_len - step * BLOCK_K
