@@ -28,8 +28,14 @@ def _backend(name):
     return _device.force_torch_backend() if name == "torch" else contextlib.nullcontext()
 
 
+def _gelu(u):
+    # torch's fp32 CPU gelu gives NaN at +inf on AVX512 machines (vectorised erf) and +inf elsewhere (its
+    # scalar path, fp64, CUDA): the reference takes +inf, the value of every other path.
+    return torch.where(u == INF, u, F.gelu(u))
+
+
 def _torch_act(t, act):
-    return {None: lambda u: u, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+    return {None: lambda u: u, "relu": F.relu, "gelu": _gelu, "silu": F.silu,
             "gelu_tanh": lambda u: F.gelu(u, approximate="tanh")}[act](t)
 
 
