@@ -3,8 +3,6 @@ activations the linear kernels fuse (with their torch semantics)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -28,14 +26,6 @@ def _silu_backward(grad, pre):
     return torch.ops.aten.silu_backward(grad, pre)
 
 
-def _gelu(x):
-    """``F.gelu`` with ``gelu(+inf) = +inf`` on every CPU: torch's fp32 CPU kernel returns NaN there on
-    AVX512 machines (its vectorised erf path; the scalar path, fp64 and CUDA give +inf), so a torch-backend
-    result would depend on the CPU and the tensor's size."""
-    y = F.gelu(x)
-    return torch.where(x == math.inf, x, y) if x.is_floating_point() else y
-
-
 # The activations gradkernels.linear fuses: name -> (torch forward, torch backward ``grad * act'(pre)``).
 # The backward is the aten op torch's autograd uses, so results are torch's (NaN and +-inf included) and
 # differentiable in grad mode (the double backward of gradkernels.linear builds on it). Adding an
@@ -44,7 +34,7 @@ def _gelu(x):
 _ACTIVATION_FNS = {
     None: (lambda x: x, lambda grad, pre: grad),
     "relu": (F.relu, lambda grad, pre: torch.ops.aten.threshold_backward(grad, pre, 0)),
-    "gelu": (_gelu, lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre, approximate="none")),
+    "gelu": (F.gelu, lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre, approximate="none")),
     "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"),
                   lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")),
     "silu": (F.silu, _silu_backward),
