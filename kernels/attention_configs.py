@@ -105,7 +105,11 @@ FWD_TILES = (
     Tile(block_m=128, block_n=16, num_warps=8, num_stages=1),
 )
 DKDV_TILES = (
-    # TMA tiles (sm_90, fp16/bf16, plain launches): K and V held in shared memory, Q and dO streamed.
+    # TMA tiles (sm_90, fp16/bf16, plain launches): K and V held in shared memory, Q and dO streamed. Those
+    # with block_m >= block_n compute the scores as (queries x keys) (kernels/attention_dkdv.py).
+    Tile(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True),
+    Tile(block_m=128, block_n=128, num_warps=8, num_stages=2, tma=True),
+    Tile(block_m=128, block_n=64, num_warps=8, num_stages=2, tma=True),
     Tile(block_m=64, block_n=128, num_warps=8, num_stages=3, tma=True),
     Tile(block_m=64, block_n=128, num_warps=8, num_stages=2, tma=True),
     Tile(block_m=32, block_n=128, num_warps=8, num_stages=3, tma=True),

@@ -221,7 +221,7 @@ def _attn_bwd_dkdv_tma(
     dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo, n_blocks, GROUP, CAUSAL_OFFSET, qk_scale,
     MASKED: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ROWS: tl.constexpr,
 ):
     """The TMA tiles' dK/dV loop over ``GROUP * n_blocks`` (query head of the group, query block) pairs from
     query row ``lo`` (``BLOCK_M`` rows each). ``MASKED``: the blocks on the causal diagonal; unmasked: blocks
@@ -229,7 +229,17 @@ def _attn_bwd_dkdv_tma(
     folded in), the row statistics come from its padded buffer (``STATS_b``: the group's first head, two rows
     of ``LQ_PAD`` per head: minus the base-2 LSE, and Delta'): two unmasked vector loads per iteration, no
     residual to subtract; rows past LQ read LSE = +inf (P = 0). Keys past LK need no mask here: each key row
-    of dK/dV only sums its own P^T row, and those rows are never stored."""
+    of dK/dV only sums its own P^T row, and those rows are never stored.
+
+    ``ROWS`` (tiles whose query block is at least the key block: ``BLOCK_M >= BLOCK_N``): scores as
+    (queries x keys), ``S = Q K^T``, so the row statistics are per row (two values a thread instead of
+    one per key column it holds: at 128 x 128 that frees ~60 registers), and P^T, dS^T reach the dK/dV
+    wgmma through shared memory (stmatrix) as A operands. Otherwise transposed scores (keys x queries), P^T
+    and dS^T straight from registers: the layout of the tiles whose query block is thinner than a
+    warpgroup's 64 rows per 4 warps (in the rows layout their warps would compute the same rows twice).
+    In the rows layout the masked (diagonal) loop is not software-pipelined: it runs a block or two per
+    query head, and its pipeline's buffers cost the registers that made 128 x 128 spill (88-96 bytes at
+    D = 64; in the transposed layout the same change cost 3.6 0.3 instructions per element)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     # (head of the group, query block) carried from iteration to iteration: no division per iteration.
@@ -242,26 +252,41 @@ def _attn_bwd_dkdv_tma(
         # (C7515; 40-48 WARPGROUP per iteration instead of 6, seen on the non-causal launches).
         tl.assume(n_blocks > 0)
         tl.assume(GROUP > 0)
-        for _ in range(0, GROUP * n_blocks):
+        n_iter = GROUP * n_blocks
+        tl.assume(n_iter > 0)
+        for _ in tl.range(0, n_iter, num_stages=1 if MASKED and ROWS else None):
             q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
             do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
             # Offsets are multiples of BLOCK_M (LQ_PAD of ROW_STATS_ALIGN): said so, Triton 3.6 vectorises the loads.
             stats = STATS_b + tl.multiple_of(g * 2 * LQ_PAD + start_m, BLOCK_M) + offs_m
             neg_hi = tl.load(stats)
             delta = tl.load(stats + LQ_PAD)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, neg_hi[None, :]))
-            if MASKED:
-                # Key start_n + c is visible to query start_m + r iff r >= c - shift: one compare per element
-                # against a per-key bound (no hoisted index tile).
-                shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
-                p_t = tl.where(offs_m[None, :] >= (offs_n - shift)[:, None], p_t, 0.0)
-            if COMPUTE_DV:
-                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if COMPUTE_DK:
-                dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            # Key start_n + c is visible to query start_m + r iff c <= r + shift (MASKED only).
+            shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+            if ROWS:
+                qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                p = tl.math.exp2(tl.fma(qk, qk_scale, neg_hi[:, None]))
+                if MASKED:
+                    # One compare per element against a per-row bound (no hoisted index tile).
+                    p = tl.where(offs_n[None, :] <= (offs_m + shift)[:, None], p, 0.0)
+                if COMPUTE_DV:
+                    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if COMPUTE_DK:
+                    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    ds = p * (dp - delta[:, None])
+                    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, neg_hi[None, :]))
+                if MASKED:
+                    # One compare per element against a per-key bound (no hoisted index tile).
+                    p_t = tl.where(offs_m[None, :] >= (offs_n - shift)[:, None], p_t, 0.0)
+                if COMPUTE_DV:
+                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if COMPUTE_DK:
+                    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             start_m += BLOCK_M
             wrap = start_m >= end_m
             g += wrap.to(tl.int32)
@@ -311,7 +336,8 @@ def attn_bwd_dkdv_kernel(
 
     One flat loop over (query head of the group, query block) pairs rather than two nested loops: the
     nest cost registers (spills at D = 128 on sm_90) and restarted the load pipeline at every head.
-    Scores are transposed (keys x queries) so dK and dV come out of plain ``tl.dot`` s. Padding query
+    Scores are transposed (keys x queries) so dK and dV come out of plain ``tl.dot`` s (the TMA tiles with
+    ``BLOCK_M >= BLOCK_N`` compute them as queries x keys, see :func:`_attn_bwd_dkdv_tma`). Padding query
     rows need no mask: their Q and dO load as 0 and their LSE as +inf, so P^T is 0 there. Query blocks
     that see none of the keys are skipped; with causal masking the others are all masked (cheap next to
     the four matmuls of an iteration, and one loop body instead of two keeps registers free).
@@ -387,18 +413,27 @@ def attn_bwd_dkdv_kernel(
         n_blocks = tl.cdiv(LQ - lo, BLOCK_M).to(tl.int32)
         if TMA:
             STATS_b = STATS + pid_bh * GROUP * 2 * LQ_PAD  # (b * HKV + kvh) * GROUP = b * H + h0
+            ROWS: tl.constexpr = BLOCK_M >= BLOCK_N  # see _attn_bwd_dkdv_tma
             n_bulk = n_blocks
             lo_bulk = lo
             if IS_CAUSAL:
-                # The diagonal blocks (masked) first, in blocks of half the height (half the work masked
-                # away above the diagonal, and a loop that takes fewer registers beside the bulk one), then
-                # the bulk, whose rows see every key of the block, from the first multiple of BLOCK_M past it.
-                BM_D: tl.constexpr = BLOCK_M // 2 if BLOCK_M >= 32 else BLOCK_M
-                qd_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h0 * stride_qh, shape=[GROUP, LQ, HEAD_D],
-                                                    strides=[stride_qh, stride_qm, 1], block_shape=[1, BM_D, BLOCK_D])
-                dod_desc = tl.make_tensor_descriptor(DO_S + pid_bh * GROUP * LQ_PAD * DV_PAD,
-                                                     shape=[GROUP, LQ, HEAD_DV], strides=[LQ_PAD * DV_PAD, DV_PAD, 1],
-                                                     block_shape=[1, BM_D, BLOCK_DV])
+                # The diagonal blocks (masked) first, then the bulk, whose rows see every key of the block,
+                # from the first multiple of BLOCK_M past it. In the transposed layout the diagonal blocks
+                # are half as high (half the work masked away above the diagonal, and a loop that takes
+                # fewer registers beside the bulk one); in the rows layout a block below a warpgroup's rows
+                # would be computed twice, so they keep the full height.
+                BM_D: tl.constexpr = BLOCK_M // 2 if BLOCK_M >= 32 and not ROWS else BLOCK_M
+                if BM_D == BLOCK_M:
+                    qd_desc = q_desc
+                    dod_desc = do_desc
+                else:
+                    qd_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h0 * stride_qh,
+                                                        shape=[GROUP, LQ, HEAD_D], strides=[stride_qh, stride_qm, 1],
+                                                        block_shape=[1, BM_D, BLOCK_D])
+                    dod_desc = tl.make_tensor_descriptor(DO_S + pid_bh * GROUP * LQ_PAD * DV_PAD,
+                                                         shape=[GROUP, LQ, HEAD_DV],
+                                                         strides=[LQ_PAD * DV_PAD, DV_PAD, 1],
+                                                         block_shape=[1, BM_D, BLOCK_DV])
                 lo_d = tl.minimum(tl.maximum(start_n - CAUSAL_OFFSET, 0) // BM_D * BM_D, LQ)
                 first_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_OFFSET, 0), BLOCK_M) * BLOCK_M
                 lo_bulk = tl.minimum(tl.maximum(first_full, lo), LQ)
@@ -407,12 +442,12 @@ def attn_bwd_dkdv_kernel(
                 dk, dv = _attn_bwd_dkdv_tma(
                     dk, dv, k, v, qd_desc, dod_desc, STATS_b, LQ_PAD, start_n, lo_d, n_diag, GROUP, CAUSAL_OFFSET,
                     qk_scale, True, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BM_D, BLOCK_N, BLOCK_D, BLOCK_DV,
-                    ACC_DTYPE,
+                    ACC_DTYPE, ROWS,
                 )
             dk, dv = _attn_bwd_dkdv_tma(
                 dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo_bulk, n_bulk,
                 GROUP, CAUSAL_OFFSET, qk_scale,
-                False, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE,
+                False, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE, ROWS,
             )
         else:
             for it in range(0, GROUP * n_blocks):

@@ -21,6 +21,10 @@ from test_attention import _oracles, _qkv, _run_and_check
 from utils import DEVICE, ON_GPU, check_attention
 
 TMA_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "TMA": True}
+# The dK/dV TMA loop has two layouts (kernels/attention_dkdv.py, _attn_bwd_dkdv_tma): scores as (queries x
+# keys) where BLOCK_M >= BLOCK_N (32 x 32, 64 x 32), transposed otherwise (32 x 64: its diagonal blocks
+# are 16 rows high).
+TMA_TILES = [TMA_TILE, {"BLOCK_M": 32, "BLOCK_N": 64, "TMA": True}, {"BLOCK_M": 64, "BLOCK_N": 32, "TMA": True}]
 KERNELS = ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
 
 
@@ -46,10 +50,10 @@ class _Recorder:
         return Wrapped()
 
 
-def _pin_tma(monkeypatch):
+def _pin_tma(monkeypatch, tile=TMA_TILE):
     """Pin TMA tiles for the interpreter's launches and record what the kernels are handed."""
-    monkeypatch.setattr(configs, "INTERPRETER_FWD_CONFIG", TMA_TILE)
-    monkeypatch.setattr(configs, "INTERPRETER_BWD_CONFIG", TMA_TILE)
+    monkeypatch.setattr(configs, "INTERPRETER_FWD_CONFIG", tile)
+    monkeypatch.setattr(configs, "INTERPRETER_BWD_CONFIG", tile)
     recorder = _Recorder()
     for name in KERNELS:
         monkeypatch.setattr(attention_ops.kernels, name, recorder.wrap(name, getattr(attention_ops.kernels, name)))
@@ -75,23 +79,26 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("tile", TMA_TILES[:2], ids=["rows", "transposed"])
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,d,dv,causal,top_left,layout", CASES)
-def test_tma_tiles_match_the_reference(b, hq, hkv, lq, lk, d, dv, causal, top_left, layout, monkeypatch):
-    recorder = _pin_tma(monkeypatch)
+def test_tma_tiles_match_the_reference(b, hq, hkv, lq, lk, d, dv, causal, top_left, layout, tile, monkeypatch):
+    recorder = _pin_tma(monkeypatch, tile)
     q, k, v = _qkv(b, hq, hkv, lq, lk, d, dv, torch.float16, layout=layout)
     _run_and_check(q, k, v, causal, top_left)
     if gradkernels.backend_for(q) != "torch" and not ON_GPU:
         assert recorder.launches == [(name, 1, True) for name in _kernels(lq)], "a kernel did not run its TMA path"
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(lq=st.integers(1, 100), lk=st.integers(1, 100), d=st.sampled_from([8, 24, 40, 64, 72]),
-       group=st.sampled_from([1, 2, 3]), causal=st.booleans(), top_left=st.booleans())
-def test_fuzz_tma_block_ranges(lq, lk, d, group, causal, top_left):
-    """Random lengths around the 32-row pinned tiles and both causal alignments: the dK/dV TMA loop's split
-    into masked diagonal blocks and unmasked bulk blocks, and the forward/dQ key ranges, for every offset."""
+       group=st.sampled_from([1, 2, 3]), causal=st.booleans(), top_left=st.booleans(),
+       tile=st.sampled_from(TMA_TILES))
+def test_fuzz_tma_block_ranges(lq, lk, d, group, causal, top_left, tile):
+    """Random lengths around the pinned tiles (both dK/dV layouts) and both causal alignments: the dK/dV
+    TMA loop's split into masked diagonal blocks and unmasked bulk blocks, and the forward/dQ key ranges,
+    for every offset."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        recorder = _pin_tma(monkeypatch)
+        recorder = _pin_tma(monkeypatch, tile)
         q, k, v = _qkv(1, group, 1, lq, lk, d, d, torch.float16)
         _run_and_check(q, k, v, causal, top_left)
     if gradkernels.backend_for(q) != "torch" and not ON_GPU:
@@ -159,15 +166,16 @@ def test_prune_offers_tma_tiles_only_where_they_may_run(kernel):
             assert not configs.keep(c, 128, 2, 80, kernel=kernel), "no TMA before sm_90"
 
 
+@pytest.mark.parametrize("tile", TMA_TILES[:2], ids=["rows", "transposed"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_tma_backward_applies_the_lse_residual(causal, monkeypatch):
+def test_tma_backward_applies_the_lse_residual(causal, tile, monkeypatch):
     """The TMA dQ loop leaves each row's LSE residual out of P and scales the dQ row by ``exp2(-lo)`` once;
     the dK/dV loop leaves it out too and reads the preprocess's ``dO' = exp2(-lo) dO`` and ``Delta'``
     instead (checked by mutation: dropping the factor from dO', or taking Delta' from dO, fails). Handed an LSE rounded 0.25 off with the residual that puts it
     back (``split_lse``'s contract: ``exact = (fl(lse * log2 e) + lo) * ln 2``), the TMA backward must give
     the gradients of the exact LSE; a kernel that dropped or misapplied the residual would be off by a
     factor e^0.25 in P."""
-    recorder = _pin_tma(monkeypatch)
+    recorder = _pin_tma(monkeypatch, tile)
     q, k, v = _qkv(1, 4, 2, 45, 53, 64, 64, torch.float16)
     grad_out = torch.randn(1, 4, 45, 64, device=DEVICE, dtype=torch.float16)
     scale, offset = 1 / 8, (53 - 45 if causal else None)
