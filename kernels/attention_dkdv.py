@@ -239,7 +239,7 @@ def _attn_bwd_dkdv_tma(
     warpgroup's 64 rows per 4 warps (in the rows layout their warps would compute the same rows twice).
     In the rows layout the masked (diagonal) loop is not software-pipelined: it runs a block or two per
     query head, and its pipeline's buffers cost the registers that made 128 x 128 spill (88-96 bytes at
-    D = 64; in the transposed layout the same change cost 3.6 0.3 instructions per element)."""
+    D = 64; in the transposed layout the same change cost Triton 3.6 0.3 instructions per element)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     # (head of the group, query block) carried from iteration to iteration: no division per iteration.
