@@ -217,6 +217,20 @@ def _attn_bwd_dkdv_features(
 
 
 @triton.jit
+def _dkdv_accumulate_t(dk, dv, p_t, q, do, v, delta, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``dV += P^T dO`` and ``dK += dS^T Q`` (``dS^T = P^T * (V dO^T - Delta)``, unscaled) from transposed
+    probabilities ``p_t`` (keys x queries): the step the pointer and transposed TMA loops share."""
+    if COMPUTE_DV:
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    if COMPUTE_DK:
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_tma(
     dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo, n_blocks, GROUP, CAUSAL_OFFSET, qk_scale,
     MASKED: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -281,12 +295,8 @@ def _attn_bwd_dkdv_tma(
                 if MASKED:
                     # One compare per element against a per-key bound (no hoisted index tile).
                     p_t = tl.where(offs_m[None, :] >= (offs_n - shift)[:, None], p_t, 0.0)
-                if COMPUTE_DV:
-                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                if COMPUTE_DK:
-                    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                    ds_t = p_t * (dp_t - delta[None, :])
-                    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                dk, dv = _dkdv_accumulate_t(dk, dv, p_t, q, do, v, delta, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION,
+                                            ACC_DTYPE)
             start_m += BLOCK_M
             wrap = start_m >= end_m
             g += wrap.to(tl.int32)
@@ -468,12 +478,8 @@ def attn_bwd_dkdv_kernel(
                     # Key start_n + c is visible to query start_m + r iff c - r <= shift (int32, see visible_tile).
                     shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
                     p_t = tl.where(offs_n[:, None] - offs_m[None, :] <= shift, p_t, 0.0)
-                if COMPUTE_DV:
-                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                if COMPUTE_DK:
-                    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                    ds_t = p_t * (dp_t - delta[None, :])
-                    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                dk, dv = _dkdv_accumulate_t(dk, dv, p_t, q, do, v, delta, COMPUTE_DK, COMPUTE_DV, INPUT_PRECISION,
+                                            ACC_DTYPE)
 
         if COMPUTE_DK:
             store_tile(DK + b * stride_dkb + kvh * stride_dkh + start_n * stride_dkn,
