@@ -191,6 +191,13 @@ PREPROCESS_WARPS = 4
 # BLOCK_M divides it): the TMA dK/dV loop reads it without masks.
 ROW_STATS_ALIGN = 128
 
+
+@triton.constexpr_function
+def do_row_width(head_dv):
+    """Elements per row of the preprocess's dO' buffer: ``head_dv`` rounded up to 8 (16-byte rows for a
+    TMA descriptor). One formula for the launcher that allocates it and the kernels that index it."""
+    return (head_dv + 7) // 8 * 8
+
 # Under TRITON_INTERPRET=1 autotuning cannot run (it times configs on a GPU): one pinned config per
 # kernel. 32x32 tiles, so test lengths such as 37, 97 or 257 span several blocks and every mask path.
 INTERPRETER_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}

@@ -8,6 +8,7 @@ from .attention_common import (
     scales, sequence_bounds, feature_scalars, mod_scores, window_visible_tile, load_row_stats, load_lse2,
     plane_descriptor, LOG2E,
 )
+from .attention_configs import do_row_width
 from .dropout import dropout_keep
 
 
@@ -36,7 +37,7 @@ def attn_bwd_preprocess_kernel(
     ``ROW_STATS``: also write what the dK/dV kernel's TMA loop reads, in place of dO, LSE, its residual
     and Delta, so that loop has no residual to subtract and no masks or remaps:
 
-    - ``DO_S[b * H + h, :LQ_PAD, :HEAD_DV]`` (rows of ``DV_PAD`` = HEAD_DV rounded up to 8 elements):
+    - ``DO_S[b * H + h, :LQ_PAD, :HEAD_DV]`` (rows of ``do_row_width(HEAD_DV)`` elements):
       ``dO' = exp2(-lo) * dO`` rounded to dO's dtype, ``lo`` the row's LSE residual. With
       ``P = exp2(s - hi - lo) = exp2(-lo) * P'``: ``dV = sum_i P'_i dO'_i`` and
       ``dS = P' * (dO' V^T - Delta')``, so the loop computes ``P' = exp2(fma(qk, scale, -hi))``.
@@ -65,7 +66,7 @@ def attn_bwd_preprocess_kernel(
     tl.store(DELTA + b * stride_deb + h * stride_deh + (start_m + offs_m) * stride_dem, delta,
              mask=offs_m < LQ - start_m)
     if ROW_STATS:
-        DV_PAD: tl.constexpr = (HEAD_DV + 7) // 8 * 8
+        DV_PAD: tl.constexpr = do_row_width(HEAD_DV)
         row_hi, row_lo = load_lse2(LSE + b * stride_lb + h * stride_lh + start_m * stride_lm,
                                    LSE_LO + b * stride_lb + h * stride_lh + start_m * stride_lm,
                                    offs_m, LQ - start_m, stride_lm, ACC_DTYPE)
@@ -75,6 +76,23 @@ def attn_bwd_preprocess_kernel(
         stats = STATS + pid_bh * 2 * LQ_PAD + start_m + offs_m
         tl.store(stats, -row_hi)
         tl.store(stats + LQ_PAD, tl.sum(o.to(ACC_DTYPE) * do_s.to(ACC_DTYPE), axis=1))
+
+
+@triton.jit
+def _dkdv_load_block(Q_b, DO_b, LSE_b, LSE_LO_b, DELTA_b, g, start_m, LQ, offs_m, offs_d, offs_dv,
+                     stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_lh, stride_lm,
+                     stride_deh, stride_dem, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """What the pointer loops (plain and with features) read for query head ``g`` of the group and the query
+    block from row ``start_m``: its Q and dO tiles (rows past LQ as zeros) and row statistics
+    (:func:`load_row_stats`)."""
+    rows = LQ - start_m
+    q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd, rows, HEAD_D)
+    do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod, rows,
+                   HEAD_DV)
+    row = g * stride_lh + start_m * stride_lm
+    row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row, DELTA_b + g * stride_deh + start_m * stride_dem,
+                                            offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
+    return q, do, row_hi, row_lo, delta
 
 
 @triton.jit
@@ -164,15 +182,10 @@ def _attn_bwd_dkdv_features(
         for it in range(0, GROUP * n_blocks):
             g = it // n_blocks
             start_m = lo + (it - g * n_blocks) * BLOCK_M
-            rows = LQ - start_m
-            q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
-                          rows, HEAD_D)
-            do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
-                           rows, HEAD_DV)
-            row = g * stride_lh + start_m * stride_lm
-            row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row,
-                                                    DELTA_b + g * stride_deh + start_m * stride_dem,
-                                                    offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
+            q, do, row_hi, row_lo, delta = _dkdv_load_block(
+                Q_b, DO_b, LSE_b, LSE_LO_b, DELTA_b, g, start_m, LQ, offs_m, offs_d, offs_dv, stride_qh, stride_qm,
+                stride_qd, stride_doh, stride_dom, stride_dod, stride_lh, stride_lm, stride_deh, stride_dem,
+                HEAD_D, HEAD_DV, ACC_DTYPE)
             qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             rel = None
             if HAS_ALIBI:
@@ -231,6 +244,20 @@ def _dkdv_accumulate_t(dk, dv, p_t, q, do, v, delta, COMPUTE_DK: tl.constexpr, C
 
 
 @triton.jit
+def _q_do_descriptors(Q_h0, DO_S_h0, GROUP, LQ, LQ_PAD, stride_qh, stride_qm, HEAD_D: tl.constexpr,
+                      HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """3-D descriptors (head of the group, row, dim) of Q and of the preprocess's dO' (``(B * H, LQ_PAD,
+    do_row_width(HEAD_DV))``, contiguous) from the group's first query head, read in ``BLOCK_M``-row boxes:
+    rows past LQ read as zeros."""
+    DV_PAD: tl.constexpr = do_row_width(HEAD_DV)
+    q_desc = tl.make_tensor_descriptor(Q_h0, shape=[GROUP, LQ, HEAD_D], strides=[stride_qh, stride_qm, 1],
+                                       block_shape=[1, BLOCK_M, BLOCK_D])
+    do_desc = tl.make_tensor_descriptor(DO_S_h0, shape=[GROUP, LQ, HEAD_DV], strides=[LQ_PAD * DV_PAD, DV_PAD, 1],
+                                        block_shape=[1, BLOCK_M, BLOCK_DV])
+    return q_desc, do_desc
+
+
+@triton.jit
 def _attn_bwd_dkdv_tma(
     dk, dv, k, v, q_desc, do_desc, STATS_b, LQ_PAD, start_n, lo, n_blocks, GROUP, CAUSAL_OFFSET, qk_scale,
     MASKED: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -275,8 +302,9 @@ def _attn_bwd_dkdv_tma(
             stats = STATS_b + tl.multiple_of(g * 2 * LQ_PAD + start_m, BLOCK_M) + offs_m
             neg_hi = tl.load(stats)
             delta = tl.load(stats + LQ_PAD)
-            # Key start_n + c is visible to query start_m + r iff c <= r + shift (MASKED only).
-            shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
+            if MASKED:
+                # Key start_n + c is visible to query start_m + r iff c <= r + shift.
+                shift = tl.minimum(tl.maximum(start_m + CAUSAL_OFFSET - start_n, -BLOCK_M), BLOCK_N).to(tl.int32)
             if ROWS:
                 qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 p = tl.math.exp2(tl.fma(qk, qk_scale, neg_hi[:, None]))
@@ -390,13 +418,11 @@ def attn_bwd_dkdv_kernel(
             # Q and dO stream through 3-D descriptors (group head, row, dim): rows past LQ read as zeros.
             k_desc = plane_descriptor(K + b * stride_kb + kvh * stride_kh, LK, stride_kn, HEAD_D, BLOCK_N, BLOCK_D)
             v_desc = plane_descriptor(V + b * stride_vb + kvh * stride_vh, LK, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV)
-            q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h0 * stride_qh, shape=[GROUP, LQ, HEAD_D],
-                                               strides=[stride_qh, stride_qm, 1], block_shape=[1, BLOCK_M, BLOCK_D])
-            # dO' = exp2(-lo) * dO from the preprocess ((B * H, LQ_PAD, DV_PAD), contiguous).
-            DV_PAD: tl.constexpr = (HEAD_DV + 7) // 8 * 8
-            do_desc = tl.make_tensor_descriptor(DO_S + pid_bh * GROUP * LQ_PAD * DV_PAD, shape=[GROUP, LQ, HEAD_DV],
-                                                strides=[LQ_PAD * DV_PAD, DV_PAD, 1],
-                                                block_shape=[1, BLOCK_M, BLOCK_DV])
+            # dO' = exp2(-lo) * dO from the preprocess; its head b * H + h0 = pid_bh * GROUP.
+            Q_h0 = Q + b * stride_qb + h0 * stride_qh
+            DO_S_h0 = DO_S + pid_bh * GROUP * LQ_PAD * do_row_width(HEAD_DV)
+            q_desc, do_desc = _q_do_descriptors(Q_h0, DO_S_h0, GROUP, LQ, LQ_PAD, stride_qh, stride_qm, HEAD_D, HEAD_DV,
+                                                BLOCK_M, BLOCK_D, BLOCK_DV)
             k = k_desc.load([start_n.to(tl.int32), 0])
             v = v_desc.load([start_n.to(tl.int32), 0])
         else:
@@ -437,13 +463,8 @@ def attn_bwd_dkdv_kernel(
                     qd_desc = q_desc
                     dod_desc = do_desc
                 else:
-                    qd_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h0 * stride_qh,
-                                                        shape=[GROUP, LQ, HEAD_D], strides=[stride_qh, stride_qm, 1],
-                                                        block_shape=[1, BM_D, BLOCK_D])
-                    dod_desc = tl.make_tensor_descriptor(DO_S + pid_bh * GROUP * LQ_PAD * DV_PAD,
-                                                         shape=[GROUP, LQ, HEAD_DV],
-                                                         strides=[LQ_PAD * DV_PAD, DV_PAD, 1],
-                                                         block_shape=[1, BM_D, BLOCK_DV])
+                    qd_desc, dod_desc = _q_do_descriptors(Q_h0, DO_S_h0, GROUP, LQ, LQ_PAD, stride_qh, stride_qm,
+                                                          HEAD_D, HEAD_DV, BM_D, BLOCK_D, BLOCK_DV)
                 lo_d = tl.minimum(tl.maximum(start_n - CAUSAL_OFFSET, 0) // BM_D * BM_D, LQ)
                 first_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_OFFSET, 0), BLOCK_M) * BLOCK_M
                 lo_bulk = tl.minimum(tl.maximum(first_full, lo), LQ)
@@ -463,15 +484,10 @@ def attn_bwd_dkdv_kernel(
             for it in range(0, GROUP * n_blocks):
                 g = it // n_blocks
                 start_m = lo + (it - g * n_blocks) * BLOCK_M
-                rows = LQ - start_m
-                q = load_tile(Q_b + g * stride_qh + start_m * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
-                              rows, HEAD_D)
-                do = load_tile(DO_b + g * stride_doh + start_m * stride_dom, offs_m, offs_dv, stride_dom, stride_dod,
-                               rows, HEAD_DV)
-                row = g * stride_lh + start_m * stride_lm
-                row_hi, row_lo, delta = load_row_stats(LSE_b + row, LSE_LO_b + row,
-                                                        DELTA_b + g * stride_deh + start_m * stride_dem,
-                                                        offs_m, rows, stride_lm, stride_dem, ACC_DTYPE)
+                q, do, row_hi, row_lo, delta = _dkdv_load_block(
+                    Q_b, DO_b, LSE_b, LSE_LO_b, DELTA_b, g, start_m, LQ, offs_m, offs_d, offs_dv, stride_qh, stride_qm,
+                    stride_qd, stride_doh, stride_dom, stride_dod, stride_lh, stride_lm, stride_deh, stride_dem,
+                    HEAD_D, HEAD_DV, ACC_DTYPE)
                 qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -row_hi[None, :]) - row_lo[None, :])
                 if IS_CAUSAL:

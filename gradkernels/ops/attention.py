@@ -410,7 +410,7 @@ def _backward(grad_out, q, k, v, out, lse, lse_lo, scale, launch, dq, dk, dv, de
     # that, no TMA tile for dK/dV or dQ). Only where a TMA tile can run (the prune offers them on sm_90+
     # only). dO' is one more dO-sized buffer, alive for the dK/dV launch.
     lq_pad = triton.cdiv(lq, configs.ROW_STATS_ALIGN) * configs.ROW_STATS_ALIGN
-    dv_pad = triton.cdiv(dvdim, 8) * 8
+    dv_pad = configs.do_row_width(dvdim)
     tma_ok = tma_ok and (h // hkv) * 2 * lq_pad < 2**31
     stats = do_s = None
     if tma_ok and need_kv and configs.tma_supported(_device.device_arch(q.device)):
