@@ -413,6 +413,39 @@ def hopeless(config, kernel, head_dim, head_dim_v, dtype_bytes, input_precision=
     return words > (160 if matmul_path(dtype_bytes, input_precision).startswith("fma") else 256)
 
 
+# The Tritons the table was checked under, as (major, minor): 3.9, what CI pins and the table is generated
+# with, and 3.6, what the GPU machines run (bench/GPU.md, "On the GPU machines' Triton (3.6)").
+CHECKED_TRITONS = ((3, 9), (3, 6))
+
+# Tiles of CLEAN_TILES that spill under one of the checked Tritons although clean under the other:
+# ``{(calibrated arch, variant, path, block_d): {(major, minor): tile keys}}``. keep() drops them under
+# that Triton and under any Triton not in CHECKED_TRITONS (whose register allocation nobody has read), so
+# each checked Triton is offered only tiles that compiled clean under it. Keys whose every listed tile
+# spills under 3.6 (bench/GPU.md) are not here: with nothing clean to fall back to, they keep their list.
+SPILLS_UNDER = {
+    # sm_80 D = 64 16-bit dK/dV: 8 bytes of stack under ptxas 12.8, outside the loop; under 3.6 they save
+    # 3% of the loop's instructions per score element on 32x128/8/3 (35.72 vs 36.81), under 3.9 16%.
+    (80, "dkdv", "tc16", 64): {(3, 6): ((64, 128, 8, 3, None), (64, 64, 4, 3, None))},
+}
+
+
+def triton_release(version=None) -> tuple:
+    """``(major, minor)`` of ``version`` (default: the installed Triton's ``__version__``)."""
+    if version is None:
+        version = triton.__version__
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def spills_under_this_triton(arch, variant, path, block_d, tile_key, release=None) -> bool:
+    """Whether :data:`SPILLS_UNDER` takes ``tile_key`` out of the (arch, variant, path, block_d) list
+    under the Triton ``release`` (default: the installed one)."""
+    release = triton_release() if release is None else release
+    listed = SPILLS_UNDER.get((calibrated(arch), variant, path, block_d), {})
+    return any(tile_key in tiles for rel, tiles in listed.items()
+               if rel == release or release not in CHECKED_TRITONS)
+
+
 def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_dim_v=None, input_precision=None,
          compute_dk=True, compute_dv=True, features=False):
     """Whether the autotuner may try an attention config for this launch.
@@ -421,8 +454,9 @@ def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_di
     ``--include-pruned`` AOT report: the tiles that compiled without spills, within shared memory and,
     for 16-bit and tf32 inputs, on the tensor cores, for every launch of the report with the same key)
     under the launch's calibrated architecture, kernel variant, matmul path and head-dim block. On parts
-    other than sm_80/sm_90 it must also fit their shared memory. A measured table rather than a formula:
-    register use of these kernels follows no model simple enough to predict which tiles spill.
+    other than sm_80/sm_90 it must also fit their shared memory, and it must not be one that
+    :data:`SPILLS_UNDER` lists for the installed Triton. A measured table rather than a formula: register
+    use of these kernels follows no model simple enough to predict which tiles spill.
 
     Args:
         config: a ``triton.Config`` from :func:`get_attn_fwd_configs` / :func:`get_attn_bwd_configs`.
@@ -460,7 +494,7 @@ def keep(config, head_dim, dtype_bytes, arch=DEFAULT_ARCH, kernel="fwd", head_di
     if tiles is None:  # a plain launch, or a feature launch on a path / head-dim block not calibrated for them
         variant = tile_variant(kernel, head_dim, head_dim_v, compute_dk, compute_dv, tma=tile.tma)
         tiles = table.get(variant, {}).get(path, {}).get(block, ())
-    return tile.key() in tiles
+    return tile.key() in tiles and not spills_under_this_triton(arch, variant, path, block, tile.key())
 
 
 def prune(configs, args, *, kernel, dtype_bytes, arch):

@@ -331,3 +331,27 @@ def test_seqlen_bucket_shares_keys_within_a_power_of_two():
     assert AC.seqlen_bucket(1) == AC.seqlen_bucket(16) == 16
     assert AC.seqlen_bucket(1025) == AC.seqlen_bucket(2048) == 2048
     assert AC.seqlen_bucket(2049) == 4096
+
+
+def test_tiles_that_spill_under_one_triton_are_dropped_there(monkeypatch):
+    """SPILLS_UNDER names tiles of the table that spill under one checked Triton: keep() drops them under
+    that one and under unchecked ones, keeps them under the others; entries name listed tiles only."""
+    for (arch, variant, path, block_d), by_release in AC.SPILLS_UNDER.items():
+        for release, tiles in by_release.items():
+            assert release in AC.CHECKED_TRITONS
+            assert tiles and all(t in CLEAN_TILES[arch][variant][path][block_d] for t in tiles)
+    assert AC.triton_release("3.6.0") == (3, 6) and AC.triton_release("3.10.0rc1") == (3, 10)
+    assert AC.triton_release("3.9.0+git1a2b") == (3, 9)
+    spilling = AC.Tile(64, 128, 8, 3).config()
+    clean = AC.Tile(32, 128, 8, 3).config()
+    assert (64, 128, 8, 3, None) in AC.SPILLS_UNDER[(80, "dkdv", "tc16", 64)][(3, 6)]
+
+    def kept(release, config, arch=80):
+        monkeypatch.setattr(AC, "triton_release", lambda version=None: release)
+        return AC.keep(config, 64, 2, arch, kernel="dkdv")
+
+    assert kept((3, 9), spilling) and kept((3, 9), spilling, arch=86)
+    assert not kept((3, 6), spilling) and not kept((3, 6), spilling, arch=86)
+    assert not kept((3, 7), spilling), "a Triton nobody checked gets the tiles clean under every checked one"
+    assert kept((3, 6), clean) and kept((3, 7), clean) and kept((3, 9), clean)
+    assert not kept((3, 6), AC.Tile(64, 64, 4, 3).config()) and kept((3, 9), AC.Tile(64, 64, 4, 3).config())
