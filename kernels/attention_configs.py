@@ -420,12 +420,27 @@ CHECKED_TRITONS = ((3, 9), (3, 6))
 # Tiles of CLEAN_TILES that spill under one of the checked Tritons although clean under the other:
 # ``{(calibrated arch, variant, path, block_d): {(major, minor): tile keys}}``. keep() drops them under
 # that Triton and under any Triton not in CHECKED_TRITONS (whose register allocation nobody has read), so
-# each checked Triton is offered only tiles that compiled clean under it. Keys whose every listed tile
-# spills under 3.6 (bench/GPU.md) are not here: with nothing clean to fall back to, they keep their list.
+# each checked Triton is offered only tiles that compiled clean under it. The fp64 D = 256 dK and dQ keys,
+# whose every candidate tile spills under 3.6 (bench/GPU.md), are not here: with nothing clean to fall back
+# to, they keep their list (slower there, not wrong).
 SPILLS_UNDER = {
     # sm_80 D = 64 16-bit dK/dV: 8 bytes of stack under ptxas 12.8, outside the loop; under 3.6 they save
     # 3% of the loop's instructions per score element on 32x128/8/3 (35.72 vs 36.81), under 3.9 16%.
     (80, "dkdv", "tc16", 64): {(3, 6): ((64, 128, 8, 3, None), (64, 64, 4, 3, None))},
+    # The feature variants (16-bit, blocks 64 and 128), from --include-pruned compiles of the attn-feat cases
+    # under both Tritons (2026-12-02, 872 each): the tiles clean under only one of them.
+    (80, "dkdv_features", "tc16", 64): {(3, 6): ((16, 16, 8, 1, None), (32, 128, 8, 2, None), (32, 128, 8, 3, None),
+                                                 (32, 64, 4, 2, None), (32, 64, 4, 3, None))},
+    (80, "dkdv_features", "tc16", 128): {(3, 6): ((16, 64, 4, 1, None), (16, 64, 4, 2, None), (32, 64, 8, 2, None)),
+                                         (3, 9): ((16, 128, 8, 2, None),)},
+    (80, "dq_features", "tc16", 64): {(3, 6): ((32, 16, 16, 2, None),)},
+    (80, "dq_features", "tc16", 128): {(3, 6): ((16, 16, 4, 1, None), (32, 16, 16, 2, None), (64, 32, 4, 1, None))},
+    (80, "fwd_features", "tc16", 64): {(3, 9): ((64, 32, 4, 2, None),)},
+    (80, "fwd_features", "tc16", 128): {(3, 6): ((64, 16, 4, 2, None),)},
+    (90, "dkdv_features", "tc16", 64): {(3, 9): ((32, 64, 4, 2, None), (32, 64, 4, 3, None))},
+    (90, "dkdv_features", "tc16", 128): {(3, 6): ((16, 64, 4, 1, None),)},
+    (90, "dq_features", "tc16", 128): {(3, 6): ((64, 32, 4, 1, None),)},
+    (90, "fwd_features", "tc16", 128): {(3, 6): ((64, 32, 4, 1, None),), (3, 9): ((64, 32, 4, 2, None),)},
 }
 
 

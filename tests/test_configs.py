@@ -355,3 +355,30 @@ def test_tiles_that_spill_under_one_triton_are_dropped_there(monkeypatch):
     assert not kept((3, 7), spilling), "a Triton nobody checked gets the tiles clean under every checked one"
     assert kept((3, 6), clean) and kept((3, 7), clean) and kept((3, 9), clean)
     assert not kept((3, 6), AC.Tile(64, 64, 4, 3).config()) and kept((3, 9), AC.Tile(64, 64, 4, 3).config())
+
+
+def test_feature_launches_get_the_tiles_clean_under_the_installed_triton(monkeypatch):
+    """The feature variants list the tiles clean under either checked Triton; SPILLS_UNDER takes out, per
+    Triton, those that spill under it. sm_80 D = 64 feature dK/dV: its four largest tiles spill under 3.6
+    (8-24 bytes), so 3.6's autotuner gets the clean ones below them and 3.9's keeps them; sm_90 D = 64 the
+    other way round for 32x64/4/2-3."""
+    def pruned(release, arch, head_dim=64):
+        monkeypatch.setattr(AC, "triton_release", lambda version=None: release)
+        args = {"HEAD_D": head_dim, "HEAD_DV": head_dim, "LQ_BUCKET": 4096, "LK_BUCKET": 4096,
+                "INPUT_PRECISION": None, "HAS_DROPOUT": True, "IS_VARLEN": True}
+        return {AC.Tile.of(c).key() for c in AC.prune(AC.get_attn_bwd_configs()["dkdv"], args, kernel="dkdv", dtype_bytes=2,
+                                                      arch=arch)}
+
+    spill_36 = set(AC.SPILLS_UNDER[(80, "dkdv_features", "tc16", 64)][(3, 6)])
+    assert (32, 128, 8, 3, None) in spill_36
+    under_36, under_39 = pruned((3, 6), 80), pruned((3, 9), 80)
+    assert under_36 and not under_36 & spill_36 and all(t[3] > 1 for t in under_36)
+    assert (32, 128, 8, 3, None) in under_39
+    assert pruned((3, 6), 86) == under_36
+    listed = set(CLEAN_TILES[80]["dkdv_features"]["tc16"][64])
+    assert under_36 <= listed and under_39 <= listed
+    spill_39 = set(AC.SPILLS_UNDER[(90, "dkdv_features", "tc16", 64)][(3, 9)])
+    assert not pruned((3, 9), 90) & spill_39
+    monkeypatch.setattr(AC, "triton_release", lambda version=None: (3, 6))
+    assert all(AC.keep(AC.Tile(*t[:4], maxnreg=t[4]).config(), 64, 2, 90, kernel="dkdv", features=True)
+               for t in spill_39)
