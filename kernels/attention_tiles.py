@@ -1,6 +1,6 @@
 """Attention tiles that compiled clean in the AOT report: generated, do not edit by hand.
 
-Source: 9936 report rows; ?; triton 3.9.0, torch 2.13.0+cpu, ptxas 12.9, ptxas-blackwell 13.4; minus 22 tiles that spilled when every tile of the keys the report flagged was recompiled after the LSE residual (lse_lo) change; TMA variants (fwd_tma, dq_tma, dkdv_tma: sm_90, 16-bit path, head-dim blocks 64 and 128) from compiles of every TMA tile for every plain fp16/bf16 launch of the AOT check and perf catalogues; each TMA tile listed only where it also compiled clean under Triton 3.6 / ptxas 12.8 (the GPU machines'; 275 compiles: dq_tma at block 128 lost 128x128/8/2 and 64x128/4, 8-16 bytes of stack there); minus 28 (key, tile) pairs of 21 keys that spilled under Triton 3.6 in its pickable-only AOT check (1058 rows, 85 failing, 2026-11-30; kept as they are: 4 keys whose whole list spilled there (sm_80 dkdv_dk/dq fp64 D=256, sm_80 dkdv_features tc16 64, sm_90 dq fp64 D=256), sm_90 dkdv_dk fp64 D=256 (its only tile left, 16x16/8/1, spills under 3.9 too since the LSE residual: that one is out and the 3 pickable ones stay) and sm_80 dkdv tc16 D=64, whose 64x128/8/3 and 64x64/4/3 keep 8 bytes of stack under 3.6 but are the sm_80 D=64 dK/dV tiles (23.88 instructions per score element, the next clean one 28.5)); dkdv_tma recompiled on 2026-12-01 after the (queries x keys) layout of its tiles with block_m >= block_n: every dK/dV TMA tile for every plain fp16/bf16 sm_90 launch of both catalogues under Triton 3.9 and 3.6 (108 rows each), a tile listed where every row of both was clean (D = 128 lost 64x64/4/3, 16 bytes of stack under 3.6, and gained 128x64/8/2; D = 64 gained 128x128/8/2, 128x128/8/3 and 128x64/8/2); the _features variants regenerated on 2026-12-02 from --include-pruned compiles of the attn-feat cases (sm_80 and sm_90, fp16 and bf16, 872 each) under Triton 3.9 and 3.6: a tile clean under both, or under one of them and then listed in attention_configs.SPILLS_UNDER for the other (the earlier lists came from the kept configs only; sm_80 D = 64 dK/dV's four tiles spill under 3.6).
+Source: 9936 report rows; ?; triton 3.9.0, torch 2.13.0+cpu, ptxas 12.9, ptxas-blackwell 13.4; minus 22 tiles that spilled when every tile of the keys the report flagged was recompiled after the LSE residual (lse_lo) change; TMA variants (fwd_tma, dq_tma, dkdv_tma: sm_90, 16-bit path, head-dim blocks 64 and 128) from compiles of every TMA tile for every plain fp16/bf16 launch of the AOT check and perf catalogues; each TMA tile listed only where it also compiled clean under Triton 3.6 / ptxas 12.8 (the GPU machines'; 275 compiles: dq_tma at block 128 lost 128x128/8/2 and 64x128/4, 8-16 bytes of stack there); minus 28 (key, tile) pairs of 21 keys that spilled under Triton 3.6 in its pickable-only AOT check (1058 rows, 85 failing, 2026-11-30; kept as they are: 4 keys whose whole list spilled there (sm_80 dkdv_dk/dq fp64 D=256, sm_80 dkdv_features tc16 64, sm_90 dq fp64 D=256), sm_90 dkdv_dk fp64 D=256 (its only tile left, 16x16/8/1, spills under 3.9 too since the LSE residual: that one is out and the 3 pickable ones stay) and sm_80 dkdv tc16 D=64, whose 64x128/8/3 and 64x64/4/3 keep 8 bytes of stack under 3.6 but are the sm_80 D=64 dK/dV tiles (23.88 instructions per score element, the next clean one 28.5)); dkdv_tma recompiled on 2026-12-01 after the (queries x keys) layout of its tiles with block_m >= block_n: every dK/dV TMA tile for every plain fp16/bf16 sm_90 launch of both catalogues under Triton 3.9 and 3.6 (108 rows each), a tile listed where every row of both was clean (D = 128 lost 64x64/4/3, 16 bytes of stack under 3.6, and gained 128x64/8/2; D = 64 gained 128x128/8/2, 128x128/8/3 and 128x64/8/2); the _features variants regenerated on 2026-12-02 from --include-pruned compiles of the attn-feat cases (sm_80 and sm_90, fp16 and bf16, 872 each) under Triton 3.9 and 3.6: a tile clean under both, or under one of them and then listed in attention_configs.SPILLS_UNDER for the other (the earlier lists came from the kept configs only; sm_80 D = 64 dK/dV's four tiles spill under 3.6); the 27 (key, tile) pairs of 2026-11-30's removal that are still out put back on 2026-12-02 (each compiled for every AOT-catalogue launch of its key: clean under 3.9, spilling under 3.6, 66 rows) and listed in attention_configs.SPILLS_UNDER for 3.6: the table lists what is clean under either checked Triton, SPILLS_UNDER what each of them must not be offered.
 Regenerate after a kernel change or a Triton upgrade (see bench/GPU.md):
     python -m gradkernels.aot check --kernel attention --include-pruned --json report.json  # ~1 h, 2 cores
     python -m gradkernels.aot tiles --from report.json --write kernels/attention_tiles.py
@@ -15,13 +15,13 @@ CLEAN_TILES = {
     80: {
         'dkdv': {
             'fma32': {
-                64: ((16, 128, 8, 1, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 32, 4, 2, None), (16, 64, 4, 1, None), (16, 64, 8, 1, None), (16, 64, 8, 2, None), (32, 32, 8, 2, None)),
+                64: ((16, 128, 8, 1, None), (16, 128, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 32, 4, 2, None), (16, 64, 4, 1, None), (16, 64, 4, 2, None), (16, 64, 8, 1, None), (16, 64, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
                 128: ((16, 16, 16, 1, None), (16, 16, 8, 1, None)),
                 256: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, None), (16, 32, 8, 2, None)),
             },
             'fma64': {
-                64: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, None), (16, 32, 4, 2, None), (16, 32, 8, 2, None), (16, 64, 8, 1, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
-                128: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, None), (16, 32, 8, 2, None)),
+                64: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, None), (16, 32, 4, 2, None), (16, 32, 8, 2, None), (16, 64, 8, 1, None), (16, 64, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
+                128: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, None), (16, 32, 8, 2, None), (32, 32, 8, 2, None)),
                 256: (),
             },
             'tc16': {
@@ -54,7 +54,7 @@ CLEAN_TILES = {
                 256: ((16, 16, 16, 1, 128), (16, 16, 16, 1, None), (16, 16, 16, 2, 128), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, None), (16, 16, 8, 2, 255), (16, 32, 4, 2, None), (16, 64, 8, 1, None), (16, 64, 8, 2, 255), (16, 64, 8, 2, None)),
             },
             'fma64': {
-                256: ((16, 16, 16, 2, 128), (16, 16, 8, 2, 255), (16, 32, 8, 2, None)),
+                256: ((16, 16, 16, 2, 128), (16, 16, 4, 2, None), (16, 16, 8, 2, 255), (16, 32, 8, 2, None)),
             },
             'tc16': {
                 256: ((16, 128, 8, 2, None), (16, 16, 16, 1, 128), (16, 16, 16, 1, None), (16, 16, 16, 2, 128), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, None), (16, 16, 8, 2, 255), (16, 32, 4, 2, None), (16, 32, 8, 2, None), (16, 64, 8, 1, None), (16, 64, 8, 2, 255), (16, 64, 8, 2, None), (32, 64, 8, 2, None)),
@@ -76,7 +76,7 @@ CLEAN_TILES = {
                 256: ((16, 16, 16, 1, 128), (16, 16, 16, 1, None), (16, 16, 16, 2, 128), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 2, 255), (16, 32, 8, 2, 255), (64, 16, 8, 1, None)),
             },
             'fma64': {
-                64: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 2, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
+                64: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 2, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 16, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
                 128: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None)),
                 256: ((16, 16, 16, 2, 128), (16, 16, 8, 2, 255)),
             },
@@ -99,7 +99,7 @@ CLEAN_TILES = {
         },
         'fwd': {
             'fma32': {
-                64: ((128, 16, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (16, 64, 4, 3, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None), (64, 16, 4, 2, None)),
+                64: ((128, 16, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (16, 64, 4, 3, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None), (64, 16, 4, 2, None)),
                 128: ((128, 16, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None)),
                 256: ((16, 16, 16, 1, 128), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (32, 16, 8, 2, 255)),
             },
@@ -111,11 +111,11 @@ CLEAN_TILES = {
             'tc16': {
                 64: ((128, 16, 8, 2, None), (128, 32, 4, 3, None), (128, 32, 8, 2, None), (128, 64, 8, 3, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (16, 64, 4, 3, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None), (32, 64, 4, 2, None), (64, 16, 4, 2, None), (64, 32, 4, 1, None), (64, 32, 4, 2, None), (64, 64, 4, 2, None)),
                 128: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (16, 64, 4, 3, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None), (32, 64, 4, 2, None), (64, 16, 4, 2, None), (64, 32, 4, 1, None), (64, 32, 4, 2, None)),
-                256: ((16, 16, 16, 1, 128), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None), (64, 16, 8, 2, None)),
+                256: ((16, 16, 16, 1, 128), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None), (64, 16, 4, 2, None), (64, 16, 8, 2, None)),
             },
             'tc32': {
                 64: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (128, 64, 8, 3, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (16, 64, 4, 3, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None), (32, 64, 4, 2, None), (64, 16, 4, 2, None), (64, 32, 4, 1, None), (64, 64, 4, 2, None), (64, 64, 4, 3, None)),
-                128: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None), (32, 64, 4, 2, None), (64, 16, 4, 2, None), (64, 32, 4, 1, None), (64, 32, 4, 2, None)),
+                128: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 2, None), (16, 64, 4, 3, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None), (32, 64, 4, 2, None), (64, 16, 4, 2, None), (64, 32, 4, 1, None), (64, 32, 4, 2, None)),
                 256: ((16, 16, 16, 1, 128), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None), (64, 16, 8, 2, None)),
             },
         },
@@ -135,17 +135,17 @@ CLEAN_TILES = {
             },
             'fma64': {
                 64: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, None), (16, 32, 4, 2, None), (16, 32, 8, 2, None), (16, 64, 8, 1, None), (32, 32, 8, 2, None)),
-                128: ((16, 16, 4, 1, None), (16, 16, 8, 1, None)),
+                128: ((16, 16, 4, 1, None), (16, 16, 8, 1, None), (16, 32, 8, 2, None)),
                 256: (),
             },
             'tc16': {
-                64: ((16, 128, 8, 1, None), (16, 128, 8, 2, None), (16, 64, 4, 1, None), (16, 64, 4, 2, None), (16, 64, 8, 1, None), (16, 64, 8, 2, None), (32, 128, 8, 2, None), (32, 128, 8, 3, None), (32, 64, 4, 1, None), (32, 64, 4, 2, None), (32, 64, 4, 3, None), (32, 64, 8, 2, None), (64, 128, 8, 3, None)),
+                64: ((16, 128, 8, 1, None), (16, 128, 8, 2, None), (16, 64, 4, 1, None), (16, 64, 4, 2, None), (16, 64, 8, 1, None), (16, 64, 8, 2, None), (32, 128, 8, 2, None), (32, 128, 8, 3, None), (32, 64, 4, 1, None), (32, 64, 4, 2, None), (32, 64, 4, 3, None), (32, 64, 8, 2, None), (64, 128, 8, 3, None), (64, 64, 4, 3, None)),
                 128: ((16, 128, 8, 1, None), (16, 128, 8, 2, None), (16, 64, 4, 1, None), (16, 64, 4, 2, None), (16, 64, 8, 1, None), (16, 64, 8, 2, None), (32, 64, 8, 2, None)),
                 256: (),
             },
             'tc32': {
                 64: ((16, 128, 8, 1, None), (16, 128, 8, 2, None), (16, 64, 4, 1, None), (16, 64, 4, 2, None), (16, 64, 8, 1, None), (16, 64, 8, 2, None), (32, 128, 8, 2, None), (32, 128, 8, 3, None), (32, 64, 4, 1, None), (32, 64, 4, 2, None), (32, 64, 4, 3, None), (32, 64, 8, 2, None)),
-                128: ((16, 128, 8, 1, None), (16, 128, 8, 2, None)),
+                128: ((16, 128, 8, 1, None), (16, 128, 8, 2, None), (32, 128, 8, 2, None)),
                 256: (),
             },
         },
@@ -192,22 +192,22 @@ CLEAN_TILES = {
         'dq': {
             'fma32': {
                 64: ((128, 16, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 16, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None), (64, 16, 4, 2, None)),
-                128: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 2, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 16, 2, None), (32, 16, 8, 2, 255), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
+                128: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 2, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 16, 2, None), (32, 16, 8, 2, 255), (32, 32, 4, 2, None), (32, 32, 8, 2, None), (64, 16, 4, 2, None)),
                 256: ((16, 16, 16, 1, 128), (16, 16, 16, 1, None), (16, 16, 16, 2, 128), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 16, 8, 2, 255), (16, 32, 4, 1, None), (16, 32, 8, 2, None), (32, 16, 16, 2, None), (32, 16, 8, 2, None), (32, 32, 8, 2, None), (64, 16, 8, 2, None)),
             },
             'fma64': {
-                64: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
-                128: ((16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None)),
+                64: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 16, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
+                128: ((16, 16, 4, 1, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 8, 2, 255), (16, 32, 8, 2, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None)),
                 256: ((16, 16, 16, 2, 128), (16, 16, 8, 2, 255), (32, 16, 8, 2, 255), (32, 16, 8, 2, None)),
             },
             'tc16': {
                 64: ((128, 16, 8, 2, None), (128, 32, 4, 3, None), (128, 32, 8, 2, None), (128, 32, 8, 3, None), (128, 64, 8, 3, None), (64, 16, 4, 2, None), (64, 32, 4, 1, None), (64, 32, 4, 2, None), (64, 32, 4, 3, None), (64, 64, 4, 3, None), (64, 64, 8, 2, None)),
                 128: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (128, 32, 8, 3, None), (64, 16, 4, 2, None), (64, 32, 4, 1, None), (64, 32, 4, 2, None), (64, 32, 4, 3, None), (64, 64, 8, 2, None)),
-                256: ((128, 16, 8, 1, None), (128, 16, 8, 2, None), (128, 32, 8, 2, None), (128, 32, 8, 3, None), (64, 16, 8, 2, None)),
+                256: ((128, 16, 8, 1, None), (128, 16, 8, 2, None), (128, 32, 8, 2, None), (128, 32, 8, 3, None), (64, 16, 4, 2, None), (64, 16, 8, 2, None)),
             },
             'tc32': {
-                64: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (128, 32, 8, 3, None), (128, 64, 8, 3, None), (64, 16, 4, 2, None), (64, 32, 4, 1, None), (64, 32, 4, 2, None), (64, 32, 4, 3, None), (64, 64, 8, 2, None)),
-                128: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (128, 32, 8, 3, None)),
+                64: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (128, 32, 8, 3, None), (128, 64, 8, 3, None), (64, 16, 4, 2, None), (64, 32, 4, 1, None), (64, 32, 4, 2, None), (64, 32, 4, 3, None), (64, 64, 4, 3, None), (64, 64, 8, 2, None)),
+                128: ((128, 16, 8, 2, None), (128, 32, 8, 2, None), (128, 32, 8, 3, None), (64, 16, 4, 2, None), (64, 32, 4, 2, None), (64, 32, 4, 3, None)),
                 256: (),
             },
         },
@@ -227,11 +227,11 @@ CLEAN_TILES = {
             'fma32': {
                 64: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 32, 4, 2, None), (16, 64, 4, 3, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 8, 2, None)),
                 128: ((16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (16, 64, 4, 3, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None)),
-                256: ((16, 16, 16, 1, 128), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (32, 16, 8, 2, None), (32, 32, 8, 2, None)),
+                256: ((16, 16, 16, 1, 128), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None)),
             },
             'fma64': {
-                64: ((128, 16, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (64, 16, 4, 2, None)),
-                128: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None)),
+                64: ((128, 16, 8, 2, None), (16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 4, 2, None), (64, 16, 4, 2, None)),
+                128: ((16, 16, 16, 1, None), (16, 16, 4, 1, None), (16, 16, 4, 2, None), (16, 16, 8, 1, 255), (16, 16, 8, 1, None), (16, 32, 4, 1, None), (32, 16, 8, 2, 255), (32, 16, 8, 2, None), (32, 32, 8, 2, None)),
                 256: ((16, 16, 8, 1, 255), (16, 16, 8, 1, None)),
             },
             'tc16': {

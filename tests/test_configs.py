@@ -355,6 +355,11 @@ def test_tiles_that_spill_under_one_triton_are_dropped_there(monkeypatch):
     assert not kept((3, 7), spilling), "a Triton nobody checked gets the tiles clean under every checked one"
     assert kept((3, 6), clean) and kept((3, 7), clean) and kept((3, 9), clean)
     assert not kept((3, 6), AC.Tile(64, 64, 4, 3).config()) and kept((3, 9), AC.Tile(64, 64, 4, 3).config())
+    # A tile the table lists for 3.9 only (it spills under 3.6): sm_90 tf32 dQ at D = 128.
+    tf32 = AC.Tile(64, 32, 4, 3).config()
+    for release, offered in (((3, 9), True), ((3, 6), False), ((3, 7), False)):
+        monkeypatch.setattr(AC, "triton_release", lambda version=None: release)
+        assert AC.keep(tf32, 128, 4, 90, kernel="dq", input_precision="tf32") is offered, release
 
 
 def test_feature_launches_get_the_tiles_clean_under_the_installed_triton(monkeypatch):
