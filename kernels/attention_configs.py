@@ -421,9 +421,8 @@ CHECKED_TRITONS = ((3, 9), (3, 6))
 # ``{(calibrated arch, variant, path, block_d): {(major, minor): tile keys}}``. keep() drops them under
 # that Triton and under any Triton not in CHECKED_TRITONS (whose register allocation nobody has read), so
 # each checked Triton is offered only tiles that compiled clean under it: the table lists the tiles clean
-# under either, this what each one must not be offered. The fp64 D = 256 dK and dQ keys,
-# whose every candidate tile spills under 3.6 (bench/GPU.md), are not here: with nothing clean to fall back
-# to, they keep their list (slower there, not wrong).
+# under either, this what each one must not be offered. Keys with no clean tile under a Triton
+# (NO_CLEAN_TILE_UNDER) are not here: with nothing clean to fall back to, they keep their list.
 SPILLS_UNDER = {
     # sm_80 D = 64 16-bit dK/dV: 8 bytes of stack under ptxas 12.8, outside the loop; under 3.6 they save
     # 3% of the loop's instructions per score element on 32x128/8/3 (35.72 vs 36.81), under 3.9 16%.
@@ -465,6 +464,26 @@ SPILLS_UNDER = {
     (90, "dq_features", "tc16", 128): {(3, 6): ((64, 32, 4, 1, None),)},
     (90, "fwd_features", "tc16", 128): {(3, 6): ((64, 32, 4, 1, None),), (3, 9): ((64, 32, 4, 2, None),)},
 }
+
+
+# Keys with no tile that compiles clean under a checked Triton: every candidate tile of them was compiled
+# (``aot check --include-pruned``) and each one spills (bench/GPU.md, "On the GPU machines' Triton (3.6)").
+# Their launches spill under that Triton whatever the autotuner picks (slower there, not wrong); the AOT
+# check reports those rows' spills as known rather than failing on them (any other failure still fails).
+# fp64 D = 256 dK and dQ under 3.6: 8-80 bytes of stack at best (2026-12-02).
+NO_CLEAN_TILE_UNDER = {
+    (80, "dkdv_dk", "fma64", 256): ((3, 6),),
+    (80, "dq", "fma64", 256): ((3, 6),),
+    (90, "dkdv_dk", "fma64", 256): ((3, 6),),
+    (90, "dq", "fma64", 256): ((3, 6),),
+}
+
+
+def no_clean_tile(arch, variant, path, block_d, release=None) -> bool:
+    """Whether :data:`NO_CLEAN_TILE_UNDER` says the (arch, variant, path, block_d) key has no clean tile under
+    the Triton ``release`` (default: the installed one)."""
+    release = triton_release() if release is None else release
+    return release in NO_CLEAN_TILE_UNDER.get((calibrated(arch), variant, path, block_d), ())
 
 
 def triton_release(version=None) -> tuple:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 
-from gradkernels.aot import cases, check, cli, compiler, real, recorder, report, signature, targets
+from gradkernels.aot import cases, check, cli, compiler, real, recorder, report, signature, targets, tiles
 from gradkernels.kernels import linear_configs as LC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +82,39 @@ def test_judge_names_each_failure():
     serial = base | {"wgmma_serialized": "ptxas info    : (C7515) Potential Performance Loss: ..."}
     assert check.judge(_fake_row(90, serial)) == ["wgmma serialised (ptxas C7515)"]
     assert check.judge(_fake_row(90, base | {"wgmma_serialized": None})) == []
+
+
+def test_spills_of_a_key_with_no_clean_tile_under_this_triton_are_known_not_failing():
+    """fp64 D = 256 dQ has no tile that compiles clean under Triton 3.6 (NO_CLEAN_TILE_UNDER): its spills are
+    reported as known there, fail under 3.9 and under an unchecked 3.7; any other failure still fails; the
+    tile table's writer counts a known spill as a spill; the summary and JSON carry them."""
+    constexprs = (("HEAD_D", 256), ("HEAD_DV", 256), ("BLOCK_M", 16), ("BLOCK_N", 16), ("BLOCK_D", 256),
+                  ("BLOCK_DV", 256), ("INPUT_PRECISION", "ieee"), ("IS_CAUSAL", True))
+    options = (("num_warps", 8), ("num_stages", 2), ("maxnreg", 255))
+
+    def row(arch, dtype="fp64", kernel="attn_bwd_dq_kernel", d=256):
+        cx = tuple((k, d if k.startswith(("HEAD_D", "BLOCK_D")) else v) for k, v in constexprs)
+        job = signature.Job("m", kernel, arch, (), cx, (), options)
+        return check.Row(arch, "attention", "attn-bwd-d256-causal", dtype, kernel, "16x16 w8 s2 r255", False, job,
+                         False)
+
+    spill, smem = "spills (stack 144 B, 100 STL, 67 LDL)", "smem 240.0 KiB > 227 KiB"
+    assert check.known_failures(row(90), [spill], release=(3, 6)) == ([], [spill])
+    assert check.known_failures(row(86), [spill], release=(3, 6)) == ([], [spill]), "sm_86 uses the sm_80 table"
+    assert check.known_failures(row(90), [spill, smem], release=(3, 6)) == ([smem], [spill])
+    for release in ((3, 9), (3, 7)):
+        assert check.known_failures(row(90), [spill], release=release) == ([spill], [])
+    for other in (row(90, dtype="fp32-ieee"), row(90, d=128), row(90, kernel="attn_fwd_kernel")):
+        assert check.known_failures(other, [spill], release=(3, 6)) == ([spill], []), other
+    r = row(90)
+    r.result = {"regs": 255, "stack": 144, "local": 0, "static_shared": 0, "shared": 1024, "num_warps": 8,
+                "seconds": 1.0, "error": None, "has_dot": True, "sass": dict.fromkeys(compiler.SASS_OPS, 0)}
+    r.failures, r.known = [], [spill]
+    assert check.failing([r]) == [] and "1 more with known spills" in report.summary([r])
+    data = report.rows_to_json([r])
+    assert data[0]["known"] == [spill]
+    assert tiles.attention_tile_table(data)[90]["dq"]["fma64"][256] == [], "a known spill is not clean"
+    assert tiles.attention_tile_table([dict(data[0], known=[])])[90]["dq"]["fma64"][256] == [(16, 16, 8, 2, 255)]
 
 
 C7515 = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "

@@ -6,7 +6,9 @@ has no tensor-core instruction there (no HGMMA on sm_90, no HMMA on sm_80/86/89)
 ``input_precision="ieee"`` and fp64 legitimately use FFMA/DFMA (or DMMA) and are not held to that; tf32
 is: wgmma and mma.sync both take tf32 operands, and a tf32 matmul without them is a plain FFMA loop that
 gave up tf32's only advantage. A row with wgmma also fails when ptxas serialised them (its C7515 note).
-Only rows the autotuner can pick (not pruned) make the report fail.
+Only rows the autotuner can pick (not pruned) make the report fail. The spills of an attention row whose key
+has no clean tile under the running Triton (``attention_configs.NO_CLEAN_TILE_UNDER``) are reported as
+known instead (:func:`known_failures`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..kernels import attention_configs
 from ..kernels.arch import ARCHS
 from .cases import all_cases
 from .compiler import compile_jobs
 from .recorder import record_launches
 from .signature import Job, make_job
 from .targets import DEFAULT_ARCHS, DTYPES, check_targets
+from .tiles import attention_key
 
 
 @dataclasses.dataclass
@@ -40,6 +44,7 @@ class Row:
     needs_tensor_cores: bool
     result: dict | None = None
     failures: list = dataclasses.field(default_factory=list)
+    known: list = dataclasses.field(default_factory=list)  # failures accepted for this key and Triton
 
     @property
     def ok(self) -> bool:
@@ -142,14 +147,26 @@ def compile_rows(rows: Sequence[Row], workers: int | None = None,
     """Compile every row that has a job (identical jobs once, :func:`.compiler.compile_jobs`); judge each.
 
     Returns:
-        The same rows, with ``result`` and ``failures`` filled in.
+        The same rows, with ``result``, ``failures`` and ``known`` filled in.
     """
     results = compile_jobs([r.job for r in rows if r.job is not None], workers, progress)
     for r in rows:
         if r.job is not None:
             r.result = results[r.job]
-            r.failures = judge(r)
+            r.failures, r.known = known_failures(r, judge(r))
     return rows
+
+
+def known_failures(row: Row, failures: list[str], release: tuple | None = None) -> tuple[list[str], list[str]]:
+    """``(failures, known)``: the spills of an attention row whose key has no tile that compiles clean under
+    the Triton ``release`` (default: the installed one; ``attention_configs.NO_CLEAN_TILE_UNDER``) move to
+    ``known``; everything else stays a failure."""
+    if not failures or row.job is None:
+        return failures, []
+    key = attention_key(row.arch, row.kernel, row.dtype, dict(row.job.constexprs), dict(row.job.options))
+    if key is None or not attention_configs.no_clean_tile(*key[:4], release=release):
+        return failures, []
+    return [f for f in failures if not f.startswith("spills")], [f for f in failures if f.startswith("spills")]
 
 
 def judge(row: Row) -> list[str]:

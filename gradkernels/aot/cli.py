@@ -102,6 +102,10 @@ def _print_failing(rows, elapsed):
     print("\n" + summary(rows, elapsed))
     for r in failing(rows):
         print(f"FAIL sm_{r.arch} {r.kernel} {r.case} {r.dtype} {r.config}: {'; '.join(r.failures)}")
+    for r in rows:
+        if not r.pruned and r.known:
+            print(f"KNOWN sm_{r.arch} {r.kernel} {r.case} {r.dtype} {r.config}: {'; '.join(r.known)} "
+                  f"(attention_configs.NO_CLEAN_TILE_UNDER)")
 
 
 # ----------------------------------------------------------------------------------------------------

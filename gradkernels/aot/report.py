@@ -27,6 +27,8 @@ def format_table(rows: Sequence[Row]) -> str:
             status = ("pruned, " if r.pruned else "") + ("ok" if not r.failures else
                                                          ("would fail: " if r.pruned else "FAIL ")
                                                          + "; ".join(r.failures))
+            if r.known:
+                status += " (known: " + "; ".join(r.known) + ")"
             cells = (str(res["regs"]), str(res["stack"]), f"{(res['shared'] + res['static_shared']) / 1024:.1f}",
                      _tc_cell(r), f"{res['seconds']:.1f}", status)
         lines.append((f"sm_{r.arch}", r.kernel, r.case, r.dtype, r.config) + cells)
@@ -46,6 +48,9 @@ def summary(rows: Sequence[Row], seconds: float | None = None) -> str:
     text = (f"{len(compiled)} rows compiled ({len({r.job for r in compiled})} distinct compiles), "
             f"{pruned} pruned by keep()" + (f" ({pruned_ok} of them would pass)" if pruned_ok else "")
             + f", {len(bad)} failing")
+    known = [r for r in rows if not r.pruned and r.known]
+    if known:
+        text += f" ({len(known)} more with known spills: no clean tile under this Triton)"
     if seconds is not None:
         text += f", {seconds:.0f} s"
     return text
@@ -54,6 +59,6 @@ def summary(rows: Sequence[Row], seconds: float | None = None) -> str:
 def rows_to_json(rows: Sequence[Row]) -> list[dict]:
     """The rows as JSON-able dicts (what ``check --json`` writes and ``tiles --from`` reads)."""
     return [{"arch": r.arch, "family": r.family, "case": r.case, "dtype": r.dtype, "kernel": r.kernel,
-             "config": r.config, "pruned": r.pruned, "result": r.result, "failures": r.failures,
+             "config": r.config, "pruned": r.pruned, "result": r.result, "failures": r.failures, "known": r.known,
              "constexprs": dict(r.job.constexprs) if r.job else None,
              "options": dict(r.job.options) if r.job else None} for r in rows]

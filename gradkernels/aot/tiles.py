@@ -34,24 +34,37 @@ under their own "_features" variants, TMA tiles under "_tma" ones); the path is 
     """
     verdict: dict = {}
     for r in rows:
-        kernel = _VARIANT.get(r["kernel"])
-        if kernel is None or r.get("result") is None or r.get("constexprs") is None:
+        if r.get("result") is None:
             continue
-        c, o = r["constexprs"], r["options"]
-        variant = attention_configs.tile_variant(kernel, c["HEAD_D"], c["HEAD_DV"], c.get("COMPUTE_DK", True),
-                                                 c.get("COMPUTE_DV", True), attention_configs.has_features(c),
-                                                 tma=bool(c.get("TMA")))
-        path = matmul_path(DTYPES[r["dtype"]].nbytes, c.get("INPUT_PRECISION"))
-        block_d = max(64, c["BLOCK_D"], c["BLOCK_DV"])
-        tile = attention_configs.Tile(c["BLOCK_M"], c["BLOCK_N"], o["num_warps"], o["num_stages"], o.get("maxnreg"))
-        key = (calibrated(r["arch"]), variant, path, block_d, tile.key())
-        verdict[key] = verdict.get(key, True) and not r["failures"]
+        key = attention_key(r["arch"], r["kernel"], r["dtype"], r.get("constexprs"), r.get("options"))
+        if key is None:
+            continue
+        # Known spills (a key with no clean tile under the report's Triton) are spills all the same.
+        verdict[key] = verdict.get(key, True) and not r["failures"] and not r.get("known")
     table: dict = {}
     for (arch, variant, path, block_d, tile), clean in sorted(verdict.items(), key=lambda kv: repr(kv[0])):
         bucket = table.setdefault(arch, {}).setdefault(variant, {}).setdefault(path, {}).setdefault(block_d, [])
         if clean:
             bucket.append(tile)
     return table
+
+
+def attention_key(arch: int, kernel: str, dtype: str, constexprs: dict | None, options: dict | None) -> tuple | None:
+    """``(calibrated arch, variant, path, block_d, tile key)`` of an attention kernel's compile (None for other
+    kernels): where ``CLEAN_TILES`` lists its tile. ``dtype`` is a key of ``targets.DTYPES``; the path is the
+    launch's own (the launcher runs some fp32-tf32 launches in "ieee")."""
+    variant_kernel = _VARIANT.get(kernel)
+    if variant_kernel is None or constexprs is None:
+        return None
+    c, o = constexprs, options or {}
+    variant = attention_configs.tile_variant(variant_kernel, c["HEAD_D"], c["HEAD_DV"], c.get("COMPUTE_DK", True),
+                                             c.get("COMPUTE_DV", True), attention_configs.has_features(c),
+                                             tma=bool(c.get("TMA")))
+    path = matmul_path(DTYPES[dtype].nbytes, c.get("INPUT_PRECISION"))
+    block_d = max(64, c["BLOCK_D"], c["BLOCK_DV"])
+    tile = attention_configs.Tile(c["BLOCK_M"], c["BLOCK_N"], o["num_warps"], o["num_stages"],
+                                  o.get("maxnreg"))
+    return calibrated(arch), variant, path, block_d, tile.key()
 
 
 def write_attention_tiles(table: dict, path: str, source: str) -> None:
