@@ -371,8 +371,8 @@ def test_feature_launches_get_the_tiles_clean_under_the_installed_triton(monkeyp
         monkeypatch.setattr(AC, "triton_release", lambda version=None: release)
         args = {"HEAD_D": head_dim, "HEAD_DV": head_dim, "LQ_BUCKET": 4096, "LK_BUCKET": 4096,
                 "INPUT_PRECISION": None, "HAS_DROPOUT": True, "IS_VARLEN": True}
-        return {AC.Tile.of(c).key() for c in AC.prune(AC.get_attn_bwd_configs()["dkdv"], args, kernel="dkdv", dtype_bytes=2,
-                                                      arch=arch)}
+        configs = AC.prune(AC.get_attn_bwd_configs()["dkdv"], args, kernel="dkdv", dtype_bytes=2, arch=arch)
+        return {AC.Tile.of(c).key() for c in configs}
 
     spill_36 = set(AC.SPILLS_UNDER[(80, "dkdv_features", "tc16", 64)][(3, 6)])
     assert (32, 128, 8, 3, None) in spill_36
@@ -387,3 +387,17 @@ def test_feature_launches_get_the_tiles_clean_under_the_installed_triton(monkeyp
     monkeypatch.setattr(AC, "triton_release", lambda version=None: (3, 6))
     assert all(AC.keep(AC.Tile(*t[:4], maxnreg=t[4]).config(), 64, 2, 90, kernel="dkdv", features=True)
                for t in spill_39)
+
+
+def test_keys_with_no_clean_tile_name_listed_keys_and_checked_tritons():
+    """NO_CLEAN_TILE_UNDER (the AOT check's known spills) names keys of the table, under checked Tritons only,
+    and none of them also in SPILLS_UNDER for the same Triton (nothing clean is left to drop to)."""
+    assert AC.NO_CLEAN_TILE_UNDER
+    for (arch, variant, path, block_d), releases in AC.NO_CLEAN_TILE_UNDER.items():
+        assert CLEAN_TILES[arch][variant][path][block_d], (arch, variant, path, block_d)
+        assert releases and all(r in AC.CHECKED_TRITONS for r in releases)
+        assert not set(AC.SPILLS_UNDER.get((arch, variant, path, block_d), {})) & set(releases)
+        assert AC.no_clean_tile(arch, variant, path, block_d, release=releases[0])
+        assert not AC.no_clean_tile(arch, variant, path, block_d, release=(3, 9))
+    assert AC.no_clean_tile(86, "dq", "fma64", 256, release=(3, 6)), "sm_86 reads the sm_80 keys"
+    assert not AC.no_clean_tile(90, "dq", "fma32", 256, release=(3, 6))
